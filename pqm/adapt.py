@@ -1,0 +1,137 @@
+"""Stages 6 and 7: train a LoRA adapter on the frozen NF4 model.
+
+Stage 6 (SAT) trains one adapter on every training speaker. Stage 7 trains one
+adapter per test speaker on that speaker's adaptation utterances, starting
+from the SAT adapter (``--init``) for ``pqm`` or from scratch for the
+``nf4_sa`` ablation. A speaker without adaptation data gets no adapter but a
+``fallback.json`` that says so; decoding then uses the SAT adapter (``pqm``)
+or the bare NF4 model (``nf4_sa``) and the results mark the speaker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+from lhotse import CutSet
+from tqdm import tqdm
+
+from pqm.batches import iterate_batches
+from pqm.fsutil import check_safe_id, cli, require, setup_logging, write_json
+from pqm.lora import LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
+from pqm.model_io import build_model, to_nf4
+from pqm.nf4 import count_params
+from pqm.tokens import WordTokenizer, read_token_list
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """Keep BatchNorm running statistics fixed: they belong to the base, not the adapter."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_adapter(model, cuts: CutSet, tokenizer: WordTokenizer, epochs: int, lr: float, batch_size: int, seed: int) -> list[float]:
+    """Train the trainable (LoRA) parameters of ``model``; return the mean loss per epoch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for epoch in range(epochs):
+        model.train()
+        freeze_batchnorm(model)
+        total, count = 0.0, 0
+        batches = iterate_batches(cuts, tokenizer, batch_size, epoch=epoch, seed=seed)
+        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", mininterval=5):
+            loss = model(**batch)[0]
+            optim.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            optim.step()
+            total, count = total + loss.item(), count + 1
+        losses.append(total / max(count, 1))
+        logging.info(f"epoch {epoch + 1}: mean loss {losses[-1]:.3f} over {count} batches")
+    model.eval()
+    return losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    default = LoraSettings()
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--fp-dir", type=Path, required=True, help="full-precision model (stage 4)")
+    p.add_argument("--nf4-dir", type=Path, required=True, help="NF4 model (stage 5)")
+    p.add_argument("--cuts", type=Path, required=True, help="lhotse cuts to train on")
+    p.add_argument("--token-list", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    p.add_argument("--speaker", default=None, help="train on this speaker's cuts only")
+    p.add_argument("--speaker-list", type=Path, default=None, help="with --job N: take line N of this file as --speaker")
+    p.add_argument("--job", type=int, default=None)
+    p.add_argument("--init", type=Path, default=None, help="adapter to start from (the SAT adapter); default: new LoRA")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-utts", type=int, default=0, help="use at most this many utterances (0: all)")
+    p.add_argument("--lora-r", type=int, default=default.r)
+    p.add_argument("--lora-alpha", type=int, default=default.alpha)
+    p.add_argument("--lora-dropout", type=float, default=default.dropout)
+    p.add_argument("--lora-targets", default=default.target_modules, help="regex over module names")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    setup_logging()
+    torch.manual_seed(a.seed)
+    speaker = a.speaker
+    out = a.out
+    if a.speaker_list is not None:
+        if a.job is None:
+            p.error("--speaker-list needs --job")
+        speakers = require(a.speaker_list).read_text(encoding="utf-8").split()
+        speaker = speakers[a.job - 1]
+        out = out / check_safe_id(speaker)
+    cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
+    if speaker is not None:
+        check_safe_id(speaker)
+        cuts = cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_eager()
+    if a.max_utts:
+        cuts = cuts.subset(first=min(a.max_utts, len(cuts)))
+    if len(cuts) == 0:
+        logging.warning(f"speaker {speaker}: no adaptation data in {a.cuts}; falling back (see {out}/fallback.json)")
+        write_json(out / "fallback.json", {"speaker": speaker, "reason": f"no adaptation utterances in {a.cuts}"})
+        return
+    (out / "fallback.json").unlink(missing_ok=True)
+    tokenizer = WordTokenizer(read_token_list(require(a.token_list, "stage 3 (token list)")))
+    start = time.time()
+    model = build_model(a.fp_dir, device=a.device)
+    base_params = count_params(model)
+    base_fp = to_nf4(model, a.nf4_dir, device=a.device)
+    if a.init is not None:
+        model = load_adapter(model, a.init, base_fp, trainable=True)
+    else:
+        model = add_lora(model, LoraSettings(a.lora_r, a.lora_alpha, a.lora_dropout, a.lora_targets))
+    n_lora = trainable_params(model)
+    logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on {len(cuts)} utterances")
+    losses = train_adapter(model, cuts, tokenizer, a.epochs, a.lr, a.batch_size, a.seed)
+    save_adapter(
+        model,
+        out,
+        {
+            "base_fingerprint": base_fp,
+            "base_model": str(a.nf4_dir),
+            "speaker": speaker,
+            "init": str(a.init) if a.init else None,
+            "utterances": len(cuts),
+            "epochs": a.epochs,
+            "lr": a.lr,
+            "loss_per_epoch": losses,
+            "lora_params": n_lora,
+            "base_params": base_params,
+            "seconds": round(time.time() - start, 1),
+        },
+    )
+    logging.info(f"wrote adapter {out}")
+
+
+if __name__ == "__main__":
+    cli(main)

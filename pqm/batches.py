@@ -1,0 +1,30 @@
+"""Mini-batches for ESPnet's ``ASRModel.forward`` drawn from lhotse cuts."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from lhotse import CutSet
+from lhotse.dataset.collation import collate_audio
+from lhotse.dataset.sampling import SimpleCutSampler
+from torch.nn.utils.rnn import pad_sequence
+
+from pqm.tokens import WordTokenizer
+
+
+def iterate_batches(
+    cuts: CutSet, tokenizer: WordTokenizer, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield ``speech, speech_lengths, text, text_lengths`` batches (text padded with -1)."""
+    sampler = SimpleCutSampler(cuts, max_cuts=batch_size, shuffle=shuffle, seed=seed)
+    sampler.set_epoch(epoch)
+    for batch in sampler:
+        speech, speech_lengths = collate_audio(batch)
+        ids = [torch.tensor(tokenizer.encode(c.supervisions[0].text or "", where=f"cut {c.id}")) for c in batch]
+        yield {
+            "speech": speech,
+            "speech_lengths": speech_lengths,
+            "text": pad_sequence(ids, batch_first=True, padding_value=-1),
+            "text_lengths": torch.tensor([len(i) for i in ids]),
+        }

@@ -1,0 +1,178 @@
+"""Connected-digit utterances built from one speaker's own FSDD recordings.
+
+Each utterance joins 1..N recordings of one speaker (resampled to 16 kHz) with
+short pauses; its transcript is the digits as words ("four two nine"). Sets:
+
+- ``train``: training speakers, recordings with index < 50 - valid_per_digit
+  (sampled with replacement, ``train_per_speaker`` utterances each);
+- ``valid``: training speakers, the last ``valid_per_digit`` indices, each
+  recording used once;
+- ``adapt``: test speakers, recordings with index < ``adapt_per_digit``
+  (sampled with replacement, ``adapt_per_speaker`` utterances each);
+- ``eval``: test speakers, the remaining indices, each recording used once.
+
+No recording is in two sets, and no training utterance uses a test speaker.
+Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+from tqdm import tqdm
+
+from pqm.fsutil import BadInput, atomic_path, check_safe_id, write_json
+from pqm.recipes.fsdd import parse_name
+
+SAMPLE_RATE = 16000
+SETS = ("train", "valid", "adapt", "eval")
+
+
+@dataclass
+class DigitTaskConfig:
+    """How the connected-digit task is drawn from the corpus."""
+
+    train_speakers: list[str] = field(default_factory=lambda: ["jackson", "theo", "yweweler", "lucas"])
+    test_speakers: list[str] = field(default_factory=lambda: ["george", "nicolas"])
+    train_per_speaker: int = 500
+    valid_per_digit: int = 3
+    adapt_per_digit: int = 20
+    adapt_per_speaker: int = 100
+    min_digits: int = 1
+    max_digits: int = 7
+    pause: tuple[float, float] = (0.05, 0.25)
+    seed: int = 0
+
+    def check(self, corpus_speakers: set[str]) -> None:
+        """Raise a clear error for an impossible split."""
+        for spk in self.train_speakers + self.test_speakers:
+            check_safe_id(spk)
+            if spk not in corpus_speakers:
+                raise BadInput(f"speaker {spk!r} is not in the corpus (have: {sorted(corpus_speakers)})")
+        both = set(self.train_speakers) & set(self.test_speakers)
+        if both:
+            raise BadInput(f"speakers in both training and test sets: {sorted(both)}")
+        if not self.train_speakers or not self.test_speakers:
+            raise BadInput("need at least one training speaker and one test speaker")
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise BadInput(f"bad digit range {self.min_digits}..{self.max_digits}")
+
+
+def _partition(items: list[str], rng: random.Random, cfg: DigitTaskConfig) -> list[list[str]]:
+    """Cut a shuffled list into utterances of min..max items, each item used once."""
+    items = list(items)
+    rng.shuffle(items)
+    groups, i = [], 0
+    while i < len(items):
+        n = rng.randint(cfg.min_digits, cfg.max_digits)
+        groups.append(items[i : i + n])
+        i += n
+    return groups
+
+
+def _sample(items: list[str], count: int, rng: random.Random, cfg: DigitTaskConfig) -> list[list[str]]:
+    """Draw ``count`` utterances of min..max items (items may recur across utterances)."""
+    if not items:
+        return []
+    return [rng.choices(items, k=rng.randint(cfg.min_digits, cfg.max_digits)) for _ in range(count)]
+
+
+def plan_utterances(
+    supervisions: SupervisionSet, cfg: DigitTaskConfig
+) -> dict[str, list[tuple[str, str, list[str]]]]:
+    """Return ``{set: [(utt_id, speaker, [recording ids])]}`` for the four sets."""
+    by_speaker: dict[str, list[tuple[int, str]]] = {}
+    for sup in supervisions:
+        _, speaker, index = parse_name(sup.recording_id)
+        by_speaker.setdefault(speaker, []).append((index, sup.recording_id))
+    cfg.check(set(by_speaker))
+    rng = random.Random(cfg.seed)
+    plan: dict[str, list[tuple[str, str, list[str]]]] = {name: [] for name in SETS}
+    last_train_index = 50 - cfg.valid_per_digit
+    for spk in cfg.train_speakers:
+        recs = sorted(by_speaker[spk])
+        train = [r for i, r in recs if i < last_train_index]
+        valid = [r for i, r in recs if i >= last_train_index]
+        plan["train"] += [(spk, g) for g in _sample(train, cfg.train_per_speaker, rng, cfg)]
+        plan["valid"] += [(spk, g) for g in _partition(valid, rng, cfg)]
+    for spk in cfg.test_speakers:
+        recs = sorted(by_speaker[spk])
+        adapt = [r for i, r in recs if i < cfg.adapt_per_digit]
+        evaluation = [r for i, r in recs if i >= cfg.adapt_per_digit]
+        plan["adapt"] += [(spk, g) for g in _sample(adapt, cfg.adapt_per_speaker, rng, cfg)]
+        plan["eval"] += [(spk, g) for g in _partition(evaluation, rng, cfg)]
+    return {
+        name: [(f"{spk}-{name}-{n:05d}", spk, group) for n, (spk, group) in enumerate(items)]
+        for name, items in plan.items()
+    }
+
+
+def _load_16k(recordings: RecordingSet, ids: set[str]) -> dict[str, np.ndarray]:
+    """Load and resample each needed recording once."""
+    audio = {}
+    for rec_id in tqdm(sorted(ids), desc="resample to 16 kHz", unit="rec"):
+        rec = recordings[rec_id]
+        try:
+            audio[rec_id] = rec.resample(SAMPLE_RATE).load_audio()[0]
+        except Exception as exc:
+            source = rec.sources[0].source
+            raise BadInput(f"cannot read audio file {source}: {exc}; replace or delete it") from exc
+    return audio
+
+
+def make_connected_digits(
+    recordings: RecordingSet,
+    supervisions: SupervisionSet,
+    cfg: DigitTaskConfig,
+    wav_dir: Path,
+    manifest_dir: Path,
+) -> dict[str, CutSet]:
+    """Write the utterances as 16 kHz WAV files plus lhotse manifests; return the cuts."""
+    plan = plan_utterances(supervisions, cfg)
+    words = {s.recording_id: s.text for s in supervisions}
+    needed = {r for items in plan.values() for _, _, group in items for r in group}
+    audio = _load_16k(recordings, needed)
+    rng = np.random.default_rng(cfg.seed)
+    cuts = {}
+    for name, items in plan.items():
+        recs, sups = [], []
+        with atomic_path(wav_dir / name) as tmp:
+            tmp.mkdir()
+            for utt_id, spk, group in tqdm(items, desc=f"write {name}", unit="utt"):
+                pieces = [np.zeros(int(0.1 * SAMPLE_RATE), dtype=np.float32)]
+                for rec_id in group:
+                    pieces.append(audio[rec_id])
+                    gap = rng.uniform(*cfg.pause)
+                    pieces.append(np.zeros(int(gap * SAMPLE_RATE), dtype=np.float32))
+                sf.write(tmp / f"{utt_id}.wav", np.concatenate(pieces), SAMPLE_RATE, subtype="PCM_16")
+        for utt_id, spk, group in items:
+            rec = Recording.from_file(wav_dir / name / f"{utt_id}.wav", recording_id=utt_id)
+            recs.append(rec)
+            sups.append(
+                SupervisionSegment(
+                    id=utt_id,
+                    recording_id=utt_id,
+                    start=0.0,
+                    duration=rec.duration,
+                    text=" ".join(words[r] for r in group),
+                    speaker=spk,
+                    language="English",
+                    custom={"sources": group},
+                )
+            )
+        rec_set = RecordingSet.from_recordings(recs)
+        sup_set = SupervisionSet.from_segments(sups)
+        cut_set = CutSet.from_manifests(recordings=rec_set, supervisions=sup_set)
+        for kind, manifest in (("recordings", rec_set), ("supervisions", sup_set), ("cuts", cut_set)):
+            with atomic_path(manifest_dir / f"fsdd_{kind}_{name}.jsonl.gz") as tmp:
+                manifest.to_file(tmp)
+        cuts[name] = cut_set
+        logging.info(f"{name}: {len(items)} utterances, {sum(len(g) for _, _, g in items)} words")
+    write_json(manifest_dir / "speakers.json", {"train": cfg.train_speakers, "test": cfg.test_speakers, "config": asdict(cfg)})
+    return cuts

@@ -1,0 +1,113 @@
+"""Stage 8: decode one speaker's evaluation utterances with every system.
+
+Systems, in the order they are built on one model object:
+``fp`` (full precision), ``nf4`` (quantised), ``nf4_sat`` (+ SAT LoRA),
+``nf4_sa`` (+ per-speaker LoRA trained from scratch) and ``pqm`` (+ per-speaker
+LoRA started from SAT). Decoding is ESPnet's beam search (``Speech2Text``).
+Hypotheses go to ``<out>/<system>/<speaker>/text`` (Kaldi ``text`` format),
+and ``<out>/<system>/<speaker>/info.json`` records any fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from lhotse import CutSet
+from tqdm import tqdm
+
+from pqm.fsutil import BadInput, check_safe_id, cli, require, setup_logging, write_json, write_text
+from pqm.lora import load_adapter
+from pqm.model_io import build_speech2text, to_nf4
+
+SYSTEMS = ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm")
+
+
+def decode_cuts(s2t, cuts: CutSet, desc: str) -> dict[str, str]:
+    """Return ``{utterance id: hypothesis}`` from ESPnet's beam search."""
+    hyps = {}
+    with torch.no_grad():
+        for cut in tqdm(cuts, desc=desc, unit="utt", mininterval=5):
+            audio = torch.from_numpy(cut.load_audio()[0])
+            nbest = s2t(audio)
+            hyps[cut.id] = nbest[0][0] if nbest else ""
+    return hyps
+
+
+def write_hyps(out: Path, hyps: dict[str, str], info: dict) -> None:
+    """Write a Kaldi ``text`` file of hypotheses and an ``info.json`` beside it."""
+    write_text(out / "text", "".join(f"{utt} {hyp}".rstrip() + "\n" for utt, hyp in sorted(hyps.items())))
+    write_json(out / "info.json", info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--fp-dir", type=Path, required=True)
+    p.add_argument("--nf4-dir", type=Path, required=True)
+    p.add_argument("--sat-dir", type=Path, required=True, help="SAT adapter (stage 6)")
+    p.add_argument("--adapter-dir", type=Path, required=True,
+                   help="per-speaker adapters: <dir>/{pqm,nf4_sa}/<speaker> (stage 7)")
+    p.add_argument("--cuts", type=Path, required=True, help="evaluation cuts")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--speaker", default=None)
+    p.add_argument("--speaker-list", type=Path, default=None, help="with --job N: line N is the speaker")
+    p.add_argument("--job", type=int, default=None)
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--beam-size", type=int, default=4)
+    p.add_argument("--ctc-weight", type=float, default=0.3)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    setup_logging()
+    speaker = a.speaker
+    if a.speaker_list is not None:
+        if a.job is None:
+            p.error("--speaker-list needs --job")
+        speaker = require(a.speaker_list).read_text(encoding="utf-8").split()[a.job - 1]
+    cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
+    tag = "all"
+    if speaker is not None:
+        tag = check_safe_id(speaker)
+        cuts = cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_eager()
+    if len(cuts) == 0:
+        raise BadInput(f"no utterances of speaker {speaker!r} in {a.cuts}")
+    s2t = build_speech2text(a.fp_dir, device=a.device, beam_size=a.beam_size, ctc_weight=a.ctc_weight, nbest=1)
+    wanted = [s for s in SYSTEMS if s in a.systems]
+    peft_model, base_fp = None, None
+    for system in SYSTEMS[: SYSTEMS.index(wanted[-1]) + 1]:
+        info: dict = {"system": system, "speaker": speaker}
+        use = contextlib.nullcontext()
+        if system == "nf4":
+            base_fp = to_nf4(s2t.asr_model, a.nf4_dir, device=a.device)
+        elif system == "nf4_sat":
+            peft_model = load_adapter(s2t.asr_model, a.sat_dir, base_fp, name="sat")
+            peft_model.set_adapter("sat")
+        elif system in ("nf4_sa", "pqm"):
+            adapter = a.adapter_dir / system / tag
+            if (adapter / "fallback.json").exists() or not adapter.exists():
+                fallback = "nf4_sat" if system == "pqm" else "nf4"
+                logging.warning(f"{system}/{tag}: no per-speaker adapter, decoding with {fallback} instead")
+                info["fallback"] = fallback
+                if fallback == "nf4_sat":
+                    peft_model.set_adapter("sat")
+                else:
+                    use = peft_model.disable_adapter()
+            else:
+                load_adapter(peft_model, adapter, base_fp, name=system)
+                peft_model.set_adapter(system)
+        if system not in wanted:
+            continue
+        start = time.time()
+        with use:
+            hyps = decode_cuts(s2t, cuts, desc=f"{system}/{tag}")
+        info["seconds"] = round(time.time() - start, 2)
+        info["utterances"] = len(hyps)
+        write_hyps(a.out / system / tag, hyps, info)
+        logging.info(f"{system}/{tag}: decoded {len(hyps)} utterances in {info['seconds']} s")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,144 @@
+"""Load and save the ESPnet ASR model in the forms the stages exchange.
+
+``<expdir>/fp/`` holds the full-precision model (``config.yaml`` from ESPnet's
+trainer + ``model.safetensors``); ``<expdir>/nf4/`` holds the NF4 model
+(``model.safetensors`` with packed 4-bit weights + ``nf4.json``). Weights are
+read with safetensors or ``torch.load(weights_only=True)`` only; ESPnet's own
+``build_model_from_file`` is not used for weights because it unpickles.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from pqm.fsutil import BadInput, atomic_path, read_json, require, write_json
+from pqm.nf4 import NF4Config, compact_state_dict, fingerprint, load_nf4_state_dict, quantize_model
+
+FP_MADE_BY = "stage 4 (train or load the model)"
+NF4_MADE_BY = "stage 5 (NF4 quantisation)"
+
+
+def export_fp_model(config: Path, checkpoint: Path, out_dir: Path) -> None:
+    """Write ESPnet's ``config.yaml`` and a ``.pth`` state dict as ``out_dir/{config.yaml,model.safetensors}``.
+
+    ``checkpoint`` may be a ``.pth`` (loaded with ``weights_only=True``) or a ``.safetensors`` file.
+    The feature-statistics file the config names is copied beside it so the folder is self-contained.
+    """
+    require(config, FP_MADE_BY)
+    require(checkpoint, FP_MADE_BY)
+    if checkpoint.suffix == ".safetensors":
+        state = load_file(str(checkpoint))
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    args = yaml.safe_load(config.read_text(encoding="utf-8"))
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        stats = (args.get("normalize_conf") or {}).get("stats_file")
+        if stats:
+            candidates = [Path(stats), config.parent / stats, config.parent.parent / stats, config.parent / Path(stats).name]
+            found = next((c for c in candidates if c.is_file()), candidates[0])
+            shutil.copy(require(found, "stage 3 (feature statistics)"), tmp / "feats_stats.npz")
+            args["normalize_conf"]["stats_file"] = "feats_stats.npz"
+        (tmp / "config.yaml").write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    logging.info(f"exported the full-precision model to {out_dir}")
+
+
+def _resolved_config(fp_dir: Path) -> Path:
+    """Return a config whose stats path is absolute (ESPnet reads it relative to the cwd)."""
+    args = yaml.safe_load(require(fp_dir / "config.yaml", FP_MADE_BY).read_text(encoding="utf-8"))
+    stats = (args.get("normalize_conf") or {}).get("stats_file")
+    if stats and not Path(stats).is_absolute():
+        args["normalize_conf"]["stats_file"] = str((fp_dir / stats).resolve())
+    resolved = fp_dir / ".config.resolved.yaml"
+    if not resolved.exists() or resolved.read_text(encoding="utf-8") != yaml.safe_dump(args, sort_keys=False):
+        with atomic_path(resolved) as tmp:
+            tmp.write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
+    return resolved
+
+
+def build_speech2text(fp_dir: Path, device: str = "cpu", **decode_opts):
+    """ESPnet's ``Speech2Text`` (beam search) on the full-precision model in ``fp_dir``."""
+    from espnet2.bin.asr_inference import Speech2Text
+
+    s2t = Speech2Text(asr_train_config=str(_resolved_config(fp_dir)), asr_model_file=None, device=device, **decode_opts)
+    state = load_file(str(require(fp_dir / "model.safetensors", FP_MADE_BY)), device=device)
+    s2t.asr_model.load_state_dict(state, strict=True)
+    s2t.asr_model.eval()
+    return s2t
+
+
+def build_model(fp_dir: Path, device: str = "cpu", load_weights: bool = True) -> torch.nn.Module:
+    """The full-precision ESPnet model in ``fp_dir`` (for training and quantisation)."""
+    from espnet2.tasks.asr import ASRTask
+    import argparse
+
+    args = yaml.safe_load(_resolved_config(fp_dir).read_text(encoding="utf-8"))
+    model = ASRTask.build_model(argparse.Namespace(**args))
+    if load_weights:
+        model.load_state_dict(load_file(str(require(fp_dir / "model.safetensors", FP_MADE_BY))), strict=True)
+    return model.to(device)
+
+
+def rebuilt_buffers(fp_dir: Path, model: torch.nn.Module) -> set[str]:
+    """Names of buffers that building the model from its config already reproduces exactly."""
+    fresh = build_model(fp_dir, load_weights=False)
+    fresh_state = fresh.state_dict()
+    params = {n for n, _ in model.named_parameters()}
+    return {
+        k
+        for k, v in model.state_dict().items()
+        if k not in params and k in fresh_state and fresh_state[k].shape == v.shape and torch.equal(fresh_state[k], v)
+    }
+
+
+def save_nf4(model: torch.nn.Module, cfg: NF4Config, modules: list[str], out_dir: Path, rebuilt: set[str]) -> str:
+    """Save an NF4 model as ``out_dir/{model.safetensors,nf4.json}``; return its fingerprint."""
+    fp = fingerprint(model)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        save_file(compact_state_dict(model.state_dict(), rebuilt), str(tmp / "model.safetensors"))
+        write_json(
+            tmp / "nf4.json",
+            {"config": vars(cfg), "modules": modules, "rebuilt_buffers": sorted(rebuilt), "fingerprint": fp},
+        )
+    return fp
+
+
+def to_nf4(model: torch.nn.Module, nf4_dir: Path, device: str = "cpu") -> str:
+    """Turn a full-precision model into the saved NF4 model of ``nf4_dir`` in place; return its fingerprint."""
+    meta = read_json(nf4_dir / "nf4.json", NF4_MADE_BY)
+    quantize_model(model, NF4Config(**meta["config"]), device=device)
+    state = load_file(str(require(nf4_dir / "model.safetensors", NF4_MADE_BY)))
+    load_nf4_state_dict(model, state, device=device, rebuilt=set(meta["rebuilt_buffers"]))
+    fp = fingerprint(model)
+    if fp != meta["fingerprint"]:
+        raise BadInput(f"{nf4_dir}/model.safetensors does not match its nf4.json fingerprint: rerun stage 5")
+    return fp
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Stage 4 (end): export an ESPnet model (trained here or ``--pretrained``) to ``<out>``."""
+    import argparse
+
+    from pqm.fsutil import setup_logging
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--config", type=Path, required=True, help="ESPnet config.yaml")
+    p.add_argument("--checkpoint", type=Path, required=True, help="model .pth or .safetensors")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    setup_logging()
+    export_fp_model(a.config, a.checkpoint, a.out)
+
+
+if __name__ == "__main__":
+    from pqm.fsutil import cli
+
+    cli(main)

@@ -1,0 +1,221 @@
+"""NF4 quantisation of a PyTorch model with bitsandbytes, and the NF4 file format.
+
+Every ``nn.Linear`` becomes ``bnb.nn.Linear4bit``; every ``nn.Conv1d``/``nn.Conv2d``
+holding at least ``min_conv_numel`` weights (in the default Conformer: the
+pointwise 1x1, depthwise and second subsampling convolutions) becomes :class:`Conv4bit`, which
+keeps the same NF4 ``Params4bit`` storage and dequantises it with bitsandbytes
+for each forward. Small convolutions (depthwise, first subsampling layer),
+norms, biases and embeddings stay in full precision.
+
+An NF4 model is saved as a safetensors file of its own state dict (packed 4-bit
+weights plus bitsandbytes' packed quantisation state, see :func:`compact_state_dict`)
+and loaded back with
+:func:`load_nf4_state_dict`, which rebuilds each ``Params4bit`` with
+``Params4bit.from_prequantized``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import torch
+import torch.nn.functional as F
+from bitsandbytes.nn import Params4bit
+from torch import nn
+
+
+@dataclass
+class NF4Config:
+    """What to quantise and how."""
+
+    blocksize: int = 64
+    double_quant: bool = True
+    min_conv_numel: int = 2048
+
+
+class Conv4bit(nn.Module):
+    """A Conv1d/Conv2d whose weight is stored in NF4 by bitsandbytes."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, cfg: NF4Config, device: str = "cpu") -> None:
+        super().__init__()
+        self.kind = "conv1d" if isinstance(conv, nn.Conv1d) else "conv2d"
+        self.weight_shape = tuple(conv.weight.shape)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"Conv4bit supports zero padding only, got {conv.padding_mode}")
+        flat = conv.weight.data.reshape(self.weight_shape[0], -1).contiguous()
+        self.weight = Params4bit(
+            flat,
+            requires_grad=False,
+            blocksize=cfg.blocksize,
+            compress_statistics=cfg.double_quant,
+            quant_type="nf4",
+        ).to(device)
+        self.bias = conv.bias
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The full-precision weight reconstructed from NF4."""
+        w = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
+        return w.reshape(self.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = F.conv1d if self.kind == "conv1d" else F.conv2d
+        w = self.dequantized_weight().to(x.dtype)
+        return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D102
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.weight.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, weight_shape={self.weight_shape}, nf4"
+
+
+def _linear4bit(linear: nn.Linear, cfg: NF4Config, device: str) -> bnb.nn.Linear4bit:
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=torch.float32,
+        compress_statistics=cfg.double_quant,
+        quant_type="nf4",
+        device="meta",
+    )
+    q.weight = Params4bit(
+        linear.weight.data.contiguous(),
+        requires_grad=False,
+        blocksize=cfg.blocksize,
+        compress_statistics=cfg.double_quant,
+        quant_type="nf4",
+        module=q,
+    ).to(device)
+    q.bias = linear.bias
+    return q
+
+
+def quantize_model(model: nn.Module, cfg: NF4Config | None = None, device: str = "cpu") -> list[str]:
+    """Replace Linear and large Conv layers of ``model`` in place by NF4 ones.
+
+    The model object and its sub-module objects keep their identity (only
+    leaves are swapped), so a beam search holding references keeps working.
+    Returns the names of the quantised modules.
+    """
+    cfg = cfg or NF4Config()
+    done = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not isinstance(child, bnb.nn.Linear4bit):
+                setattr(module, child_name, _linear4bit(child, cfg, device))
+            elif isinstance(child, (nn.Conv1d, nn.Conv2d)) and child.weight.numel() >= cfg.min_conv_numel:
+                setattr(module, child_name, Conv4bit(child, cfg, device))
+            else:
+                continue
+            done.append(full)
+    disable_cpu_repack(model)
+    model.is_loaded_in_4bit = True  # tells peft to use its bitsandbytes LoRA layers
+    logging.info(f"quantised {len(done)} modules to NF4 (block size {cfg.blocksize}, double quant {cfg.double_quant})")
+    return done
+
+
+def disable_cpu_repack(model: nn.Module) -> None:
+    """Turn off bitsandbytes' in-place AVX512-BF16 weight repacking on CPU.
+
+    With it on, the first eval-mode no-grad forward repacks the weight in place;
+    training afterwards fails and ``dequantize_4bit`` (so peft's merge) returns
+    garbage (see ../shared/docs/stack-notes.md).
+    """
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+SHARED_PREFIX = "nf4_shared."
+_SHARED_SUFFIXES = (".weight.quant_map", ".weight.nested_quant_map")
+
+
+def compact_state_dict(state_dict: dict[str, torch.Tensor], rebuilt: set[str]) -> dict[str, torch.Tensor]:
+    """Lossless space savings for the NF4 file.
+
+    bitsandbytes stores the same NF4 code table (16 values) and double-quant
+    code table (256 values) with every layer; they are kept once under
+    ``nf4_shared.*`` when identical. Buffers in ``rebuilt`` (those the model
+    constructor recomputes from its config, e.g. the mel filterbank) are left out.
+    """
+    out, shared = {}, {}
+    for key, value in state_dict.items():
+        if key in rebuilt:
+            continue
+        suffix = next((s for s in _SHARED_SUFFIXES if key.endswith(s)), None)
+        if suffix is not None:
+            name = SHARED_PREFIX + suffix.rsplit(".", 1)[-1]
+            if name not in shared:
+                shared[name] = value
+            if torch.equal(shared[name], value):
+                continue
+        out[key] = value.detach().contiguous()
+    out.update({k: v.detach().contiguous() for k, v in shared.items()})
+    return out
+
+
+def _expand_shared(state_dict: dict[str, torch.Tensor], prefix: str, stats: dict[str, torch.Tensor]) -> None:
+    """Put the shared code tables back into one layer's quantisation state."""
+    if "quant_map" not in stats and SHARED_PREFIX + "quant_map" in state_dict:
+        stats["quant_map"] = state_dict[SHARED_PREFIX + "quant_map"]
+    if "nested_absmax" in stats and "nested_quant_map" not in stats:
+        stats["nested_quant_map"] = state_dict[SHARED_PREFIX + "nested_quant_map"]
+
+
+def load_nf4_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], device: str = "cpu", rebuilt: set[str] = frozenset()
+) -> None:
+    """Load a state dict saved from an NF4 model into an NF4 model of the same structure.
+
+    ``model`` must already have the same quantised layout (see :func:`quantize_model`);
+    keys in ``rebuilt`` may be absent (the model already holds them).
+    Raises if any other key is missing or left over.
+    """
+    state_dict = dict(state_dict)
+    for name, module in model.named_modules():
+        if isinstance(module, (bnb.nn.Linear4bit, Conv4bit)):
+            prefix = f"{name}.weight"
+            if prefix not in state_dict:
+                raise KeyError(f"NF4 weight {prefix} missing from the state dict")
+            data = state_dict.pop(prefix)
+            stats = {k[len(prefix) + 1 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + ".")}
+            _expand_shared(state_dict, prefix, stats)
+            owner = module if isinstance(module, bnb.nn.Linear4bit) else None
+            module.weight = Params4bit.from_prequantized(data, stats, device=device, module=owner)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(SHARED_PREFIX)}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    quantised = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, Conv4bit))}
+    missing = [k for k in missing if k not in quantised and k not in rebuilt]
+    if missing or unexpected:
+        raise KeyError(f"NF4 state dict does not match the model: missing {missing}, unexpected {unexpected}")
+    disable_cpu_repack(model)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, shapes and values).
+
+    Floating-point tensors are hashed as float32, so a model cast to float32
+    for decoding (ESPnet's ``Speech2Text`` does that) keeps its fingerprint.
+    """
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        if t.is_floating_point():
+            t = t.float()
+        h.update(f"{key}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters of a full-precision model."""
+    return sum(p.numel() for p in model.parameters())

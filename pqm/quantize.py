@@ -1,0 +1,48 @@
+"""Stage 5: quantise the full-precision model to NF4 and report sizes on disk."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pqm.fsutil import cli, setup_logging, write_json
+from pqm.model_io import build_model, rebuilt_buffers, save_nf4
+from pqm.nf4 import NF4Config, count_params, quantize_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    default = NF4Config()
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--fp-dir", type=Path, required=True, help="full-precision model (stage 4)")
+    p.add_argument("--out", type=Path, required=True, help="NF4 model folder to write")
+    p.add_argument("--blocksize", type=int, default=default.blocksize)
+    p.add_argument("--double-quant", type=lambda s: s.lower() in ("1", "true", "yes"), default=default.double_quant)
+    p.add_argument("--min-conv-numel", type=int, default=default.min_conv_numel,
+                   help="quantise convolutions with at least this many weights")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    setup_logging()
+    if a.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+        p.error(f"--blocksize {a.blocksize}: bitsandbytes supports 64..4096 (powers of two)")
+    cfg = NF4Config(a.blocksize, a.double_quant, a.min_conv_numel)
+    model = build_model(a.fp_dir, device=a.device)
+    n_params = count_params(model)
+    rebuilt = rebuilt_buffers(a.fp_dir, model)
+    modules = quantize_model(model, cfg, device=a.device)
+    fp = save_nf4(model, cfg, modules, a.out, rebuilt)
+    fp32_bytes = (a.fp_dir / "model.safetensors").stat().st_size
+    nf4_bytes = (a.out / "model.safetensors").stat().st_size
+    report = {
+        "size_bytes": {"fp32": fp32_bytes, "nf4": nf4_bytes},
+        "ratio": round(fp32_bytes / nf4_bytes, 3),
+        "params": n_params,
+        "quantised_modules": len(modules),
+        "fingerprint": fp,
+    }
+    write_json(a.out / "size.json", report)
+    logging.info(f"fp32 {fp32_bytes} bytes, NF4 {nf4_bytes} bytes: {report['ratio']}x smaller")
+
+
+if __name__ == "__main__":
+    cli(main)

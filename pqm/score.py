@@ -1,0 +1,172 @@
+"""Stage 9: score every system with jiwer, overall and per speaker.
+
+Writes ``results.json``, ``RESULTS.md`` (a markdown table to paste into a
+paper, as ESPnet recipes do) and ``wer_per_speaker.png`` into the experiment
+folder, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jiwer
+from lhotse import CutSet
+
+from pqm.decode import SYSTEMS
+from pqm.fsutil import BadInput, atomic_path, cli, read_json, require, setup_logging, write_json, write_text
+
+
+def read_text_file(path: Path) -> dict[str, str]:
+    """Read a Kaldi ``text`` file into ``{utt: transcript}``."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        utt, _, text = line.partition(" ")
+        out[utt] = text.strip()
+    return out
+
+
+def count_errors(refs: list[str], hyps: list[str]) -> dict:
+    """Word errors (substitutions + deletions + insertions) and reference words, with jiwer."""
+    out = jiwer.process_words(refs, hyps)
+    errors = out.substitutions + out.deletions + out.insertions
+    words = out.substitutions + out.deletions + out.hits
+    return {"wer": round(100 * errors / words, 2), "errors": errors, "words": words}
+
+
+def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str]) -> dict:
+    """Score each system's hypotheses against ``refs``; per speaker and overall."""
+    systems = {}
+    for system in SYSTEMS:
+        per_speaker, all_refs, all_hyps, fallbacks = {}, [], [], {}
+        for spk in sorted(set(speakers.values())):
+            spk_dir = require(decode_dir / system / spk / "text", "stage 8 (decoding)").parent
+            hyps = read_text_file(spk_dir / "text")
+            utts = sorted(u for u, s in speakers.items() if s == spk)
+            missing = [u for u in utts if u not in hyps]
+            if missing:
+                raise BadInput(f"{spk_dir}/text lacks {len(missing)} utterances (e.g. {missing[0]}): rerun stage 8")
+            r, h = [refs[u] for u in utts], [hyps[u] for u in utts]
+            per_speaker[spk] = count_errors(r, h)
+            info = json.loads((spk_dir / "info.json").read_text(encoding="utf-8"))
+            if info.get("fallback"):
+                per_speaker[spk]["fallback"] = info["fallback"]
+                fallbacks[spk] = info["fallback"]
+            all_refs += r
+            all_hyps += h
+        systems[system] = {**count_errors(all_refs, all_hyps), "per_speaker": per_speaker}
+        if fallbacks:
+            systems[system]["fallbacks"] = fallbacks
+    return systems
+
+
+def markdown(results: dict) -> str:
+    """The results as ESPnet-style markdown tables."""
+    systems = results["systems"]
+    speakers = results["test_speakers"]
+    fp_wer, nf4_wer = systems["fp"]["wer"], systems["nf4"]["wer"]
+    size = results["size_bytes"]
+    params = results["params"]
+    lines = [
+        f"# RESULTS: {results['corpus']}, {results['model']}",
+        "",
+        f"- test speakers (unseen in training): {', '.join(speakers)}; scored on their evaluation parts",
+        f"- model size on disk: fp32 {size['fp32']:,} bytes, NF4 {size['nf4']:,} bytes "
+        f"({size['fp32'] / size['nf4']:.2f}x smaller)",
+        f"- parameters: base {params['base']:,}; LoRA per speaker {params['lora_per_speaker']:,} "
+        f"({100 * params['lora_per_speaker'] / params['base']:.2f}% of the base)",
+        "",
+        "| system | WER (%) | errors | words | rel. vs fp (%) | rel. vs nf4 (%) | "
+        + " | ".join(f"{s} WER (%)" for s in speakers) + " |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(speakers),
+    ]
+    for name, r in systems.items():
+        rel_fp = 100 * (r["wer"] - fp_wer) / fp_wer if fp_wer else 0.0
+        rel_nf4 = 100 * (r["wer"] - nf4_wer) / nf4_wer if nf4_wer else 0.0
+        cells = []
+        for s in speakers:
+            ps = r["per_speaker"][s]
+            cells.append(f"{ps['wer']:.2f}" + (f" (fallback: {ps['fallback']})" if "fallback" in ps else ""))
+        lines.append(
+            f"| {name} | {r['wer']:.2f} | {r['errors']} | {r['words']} | {rel_fp:+.1f} | {rel_nf4:+.1f} | "
+            + " | ".join(cells) + " |"
+        )
+    if results.get("stage_seconds"):
+        lines += ["", "| stage | " + " | ".join(results["stage_seconds"]) + " |",
+                  "|---|" + "---:|" * len(results["stage_seconds"]),
+                  "| seconds | " + " | ".join(f"{v:.0f}" for v in results["stage_seconds"].values()) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Bar chart of WER per speaker per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speakers = results["test_speakers"] + ["all"]
+    systems = list(results["systems"])
+    width = 0.8 / len(systems)
+    fig, ax = plt.subplots(figsize=(1.6 * len(speakers) + 3, 4))
+    for i, name in enumerate(systems):
+        r = results["systems"][name]
+        values = [r["per_speaker"][s]["wer"] for s in results["test_speakers"]] + [r["wer"]]
+        xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(speakers))]
+        ax.bar(xs, values, width, label=name)
+    ax.set_xticks(range(len(speakers)), speakers)
+    ax.set_ylabel("WER (%)")
+    ax.set_title(f"{results['corpus']} / {results['model']}: WER per test speaker")
+    ax.legend(ncols=len(systems), fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def stage_seconds(expdir: Path) -> dict[str, float]:
+    """Wall time per stage as recorded by run.sh in ``<expdir>/timing/stage<N>.seconds``."""
+    out = {}
+    for n in range(1, 10):
+        f = expdir / "timing" / f"stage{n}.seconds"
+        if f.exists():
+            out[str(n)] = float(f.read_text().strip())
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--expdir", type=Path, required=True)
+    p.add_argument("--cuts", type=Path, required=True, help="evaluation cuts (references)")
+    p.add_argument("--corpus", default="fsdd")
+    p.add_argument("--model", default="conformer")
+    a = p.parse_args(argv)
+    setup_logging()
+    cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
+    refs = {c.id: c.supervisions[0].text for c in cuts}
+    speakers = {c.id: c.supervisions[0].speaker for c in cuts}
+    size = read_json(a.expdir / "nf4" / "size.json", "stage 5 (NF4 quantisation)")
+    lora = [
+        read_json(f)["lora_params"] for f in sorted((a.expdir / "adapters" / "pqm").glob("*/pqm_adapter.json"))
+    ] or [read_json(a.expdir / "sat" / "pqm_adapter.json", "stage 6 (SAT)")["lora_params"]]
+    results = {
+        "corpus": a.corpus,
+        "model": a.model,
+        "test_speakers": sorted(set(speakers.values())),
+        "systems": score(a.expdir / "decode", refs, speakers),
+        "size_bytes": size["size_bytes"],
+        "params": {"base": size["params"], "lora_per_speaker": max(lora)},
+        "stage_seconds": stage_seconds(a.expdir),
+    }
+    write_json(a.expdir / "results.json", results)
+    table = markdown(results)
+    write_text(a.expdir / "RESULTS.md", table)
+    plot(results, a.expdir / "wer_per_speaker.png")
+    print(table)
+    for name in ("results.json", "RESULTS.md", "wer_per_speaker.png"):
+        print(f"wrote {a.expdir / name}")
+
+
+if __name__ == "__main__":
+    cli(main)

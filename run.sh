@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# pqm default recipe: personalised NF4 ASR on connected digits (FSDD).
+#   1 corpus  2 lhotse manifests  3 ESPnet data + stats  4 train/load Conformer
+#   5 NF4  6 SAT LoRA  7 per-speaker LoRA  8 decode all systems  9 score
+# Usage: ./run.sh [--stage N] [--stop-stage M] [--nj J] [--option value ...]
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# Options (each can be given as --name-with-dashes value)
+stage=1                 # first stage to run
+stop_stage=9            # last stage to run
+nj=2                    # parallel jobs for per-speaker work (stages 7, 8)
+threads=0               # threads per job (0: cores / jobs)
+expdir=exp/fsdd_conformer   # experiment folder
+datadir=data            # data folder (manifests, audio, Kaldi dirs)
+model=conformer         # model family: conformer
+pretrained=""           # ESPnet model folder (config.yaml + model .pth/.safetensors) to load instead of training
+seed=0                  # random seed for data, training and adaptation
+device=cpu              # cpu or cuda
+fsdd_dir=../shared/corpora/fsdd   # local FSDD copy; downloaded into download_dir when absent
+download_dir=downloads
+train_speakers="jackson theo yweweler lucas"
+test_speakers="george nicolas"
+train_per_speaker=350   # training utterances drawn per training speaker
+adapt_per_digit=20      # test speakers: recordings with index < this are for adaptation, the rest for evaluation
+adapt_per_speaker=100   # adaptation utterances drawn per test speaker
+max_digits=7            # digits per utterance: 1..max_digits
+train_config=conf/train_conformer.yaml
+max_epoch=10            # Conformer training epochs
+nf4_blocksize=64
+nf4_double_quant=true
+nf4_min_conv_numel=2048 # quantise convolutions with at least this many weights
+lora_r=8
+lora_alpha=16
+lora_targets='.*(encoder\.encoders\.\d+\.self_attn|decoder\.decoders\.\d+\.self_attn)\.linear_(q|v)'
+sat_epochs=1
+sat_lr=0.001
+sat_utts=0              # SAT on at most this many training utterances (0: all)
+sa_epochs=10
+sa_lr=0.001
+beam_size=4
+ctc_weight=0.3
+cmd_backend=local
+# End of options
+
+. ./local/parse_options.sh
+. ./path.sh
+. ./cmd.sh
+
+log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (run.sh:${BASH_LINENO[0]}) $*"; }
+die() { log "ERROR: $*" >&2; exit 1; }
+need() { [ -e "$1" ] || die "missing $1: run $2 first (e.g. ./run.sh --stage ${2#stage } --stop-stage ${2#stage })"; }
+
+[ "${model}" = conformer ] || die "--model ${model}: only 'conformer' is available in this recipe"
+[[ "${stage}" =~ ^[1-9]$ && "${stop_stage}" =~ ^[1-9]$ ]] || die "--stage/--stop-stage must be 1..9"
+[[ "${nj}" =~ ^[1-9][0-9]*$ ]] || die "--nj ${nj}: a positive integer is needed"
+[ -z "${pretrained}" ] || [ -d "${pretrained}" ] || die "--pretrained ${pretrained}: no such folder"
+mkdir -p "${expdir}/log" "${expdir}/timing" "${datadir}"
+echo "$0 $*" >> "${expdir}/run.cmd"
+done_dir=${expdir}/.done
+mkdir -p "${done_dir}"
+manifests=${datadir}/manifests
+speaker_list=${expdir}/test_speakers.txt
+opts_nf4=(--fp-dir "${expdir}/fp" --nf4-dir "${expdir}/nf4" --device "${device}")
+opts_lora=(--token-list "${datadir}/token_list/word/tokens.txt" --lora-r "${lora_r}"
+           --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}" --seed "${seed}")
+
+# run_stage N "title" function: runs a stage unless its done marker exists,
+# logs to ${expdir}/log/stageN.log, records its wall time, invalidates later stages.
+run_stage() {
+    local n=$1 title=$2 fn=$3
+    if [ "${stage}" -gt "${n}" ] || [ "${stop_stage}" -lt "${n}" ]; then return 0; fi
+    if [ -f "${done_dir}/stage${n}" ]; then
+        log "Stage ${n}: ${title}: already done (remove ${done_dir}/stage${n} to redo)"
+        return 0
+    fi
+    log "Stage ${n}: ${title}"
+    local start=${SECONDS}
+    local later rc
+    for later in $(seq $((n + 1)) 9); do rm -f "${done_dir}/stage${later}"; done
+    set +e
+    ( set -e; "${fn}" ) 2>&1 | tee "${expdir}/log/stage${n}.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    [ "${rc}" -eq 0 ] || die "stage ${n} failed; see ${expdir}/log/stage${n}.log"
+    echo $((SECONDS - start)) > "${expdir}/timing/stage${n}.seconds"
+    touch "${done_dir}/stage${n}"
+    log "Stage ${n} done in $((SECONDS - start)) s"
+}
+
+stage1() {
+    python -m pqm.recipes.fsdd --fsdd-dir "${fsdd_dir}" --download-dir "${download_dir}" > "${datadir}/corpus_dir"
+    log "corpus: $(cat "${datadir}/corpus_dir")"
+}
+
+stage2() {
+    need "${datadir}/corpus_dir" "stage 1"
+    # shellcheck disable=SC2086
+    python -m pqm.prepare --corpus-dir "$(cat "${datadir}/corpus_dir")" --datadir "${datadir}" \
+        --train-speakers ${train_speakers} --test-speakers ${test_speakers} \
+        --train-per-speaker "${train_per_speaker}" --adapt-per-digit "${adapt_per_digit}" \
+        --adapt-per-speaker "${adapt_per_speaker}" --max-digits "${max_digits}" --seed "${seed}"
+}
+
+espnet_data_opts=(--use_preprocessor true --token_type word --token_list "${datadir}/token_list/word/tokens.txt"
+    --train_data_path_and_name_and_type "${datadir}/train/wav.scp,speech,sound"
+    --train_data_path_and_name_and_type "${datadir}/train/text,text,text"
+    --valid_data_path_and_name_and_type "${datadir}/valid/wav.scp,speech,sound"
+    --valid_data_path_and_name_and_type "${datadir}/valid/text,text,text"
+    --config "${train_config}" --frontend_conf fs=16k --ngpu "$([ "${device}" = cuda ] && echo 1 || echo 0)")
+
+stage3() {
+    need "${manifests}/fsdd_cuts_train.jsonl.gz" "stage 2"
+    python -m pqm.espnet_data --datadir "${datadir}"
+    rm -rf "${expdir}/asr_stats"
+    python -m espnet2.bin.asr_train --collect_stats true "${espnet_data_opts[@]}" \
+        --train_shape_file "${datadir}/train/wav.scp" --valid_shape_file "${datadir}/valid/wav.scp" \
+        --output_dir "${expdir}/asr_stats"
+}
+
+stage4() {
+    if [ -n "${pretrained}" ]; then
+        local ckpt
+        ckpt=$(ls "${pretrained}"/model.safetensors "${pretrained}"/valid.acc.ave.pth "${pretrained}"/*.pth 2>/dev/null | head -n 1 || true)
+        [ -n "${ckpt}" ] || die "--pretrained ${pretrained}: no model.safetensors or .pth file in it"
+        python -m pqm.model_io --config "${pretrained}/config.yaml" --checkpoint "${ckpt}" --out "${expdir}/fp"
+        return
+    fi
+    need "${expdir}/asr_stats/train/feats_stats.npz" "stage 3"
+    # ESPnet's trainer resumes from ${expdir}/asr/checkpoint.pth after an interruption.
+    python -m espnet2.bin.asr_train "${espnet_data_opts[@]}" \
+        --train_shape_file "${expdir}/asr_stats/train/speech_shape" \
+        --valid_shape_file "${expdir}/asr_stats/valid/speech_shape" \
+        --normalize global_mvn --normalize_conf "stats_file=${expdir}/asr_stats/train/feats_stats.npz" \
+        --max_epoch "${max_epoch}" --seed "${seed}" --resume true --output_dir "${expdir}/asr"
+    python -m pqm.model_io --config "${expdir}/asr/config.yaml" \
+        --checkpoint "${expdir}/asr/valid.acc.ave.pth" --out "${expdir}/fp"
+}
+
+stage5() {
+    need "${expdir}/fp/model.safetensors" "stage 4"
+    python -m pqm.quantize --fp-dir "${expdir}/fp" --out "${expdir}/nf4" --blocksize "${nf4_blocksize}" \
+        --double-quant "${nf4_double_quant}" --min-conv-numel "${nf4_min_conv_numel}" --device "${device}"
+}
+
+stage6() {
+    need "${expdir}/nf4/model.safetensors" "stage 5"
+    python -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" --cuts "${manifests}/fsdd_cuts_train.jsonl.gz" \
+        --max-utts "${sat_utts}" --epochs "${sat_epochs}" --lr "${sat_lr}" --out "${expdir}/sat"
+}
+
+test_speaker_list() {
+    python -c "import json,sys; print('\n'.join(json.load(open(sys.argv[1]))['test']))" \
+        "${manifests}/speakers.json" > "${speaker_list}"
+    wc -l < "${speaker_list}"
+}
+
+stage7() {
+    need "${expdir}/sat/adapter_model.safetensors" "stage 6"
+    local n
+    n=$(test_speaker_list)
+    for system in pqm nf4_sa; do
+        local init=()
+        [ "${system}" = pqm ] && init=(--init "${expdir}/sat")
+        log "per-speaker ${system} adapters for ${n} speakers, ${nj} jobs at a time (logs: ${expdir}/log/adapt_${system}.*.log)"
+        ${cmd} --max-jobs "${nj}" --threads "${threads}" "JOB=1:${n}" "${expdir}/log/adapt_${system}.JOB.log" \
+            python -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" "${init[@]}" \
+            --cuts "${manifests}/fsdd_cuts_adapt.jsonl.gz" --speaker-list "${speaker_list}" --job JOB \
+            --epochs "${sa_epochs}" --lr "${sa_lr}" --out "${expdir}/adapters/${system}"
+    done
+}
+
+stage8() {
+    need "${expdir}/adapters/pqm" "stage 7"
+    local n
+    n=$(test_speaker_list)
+    log "decoding ${n} speakers with every system (logs: ${expdir}/log/decode.*.log)"
+    ${cmd} --max-jobs "${nj}" --threads "${threads}" "JOB=1:${n}" "${expdir}/log/decode.JOB.log" \
+        python -m pqm.decode "${opts_nf4[@]}" --sat-dir "${expdir}/sat" --adapter-dir "${expdir}/adapters" \
+        --cuts "${manifests}/fsdd_cuts_eval.jsonl.gz" --speaker-list "${speaker_list}" --job JOB \
+        --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" --out "${expdir}/decode"
+}
+
+stage9() {
+    need "${expdir}/decode" "stage 8"
+    python -m pqm.score --expdir "${expdir}" --cuts "${manifests}/fsdd_cuts_eval.jsonl.gz" --model "${model}"
+}
+
+run_stage 1 "get the corpus" stage1
+run_stage 2 "lhotse manifests and connected-digit utterances" stage2
+run_stage 3 "ESPnet data dirs, token list, feature statistics" stage3
+run_stage 4 "train or load the ${model} model" stage4
+run_stage 5 "NF4 quantisation" stage5
+run_stage 6 "speaker adaptive training (SAT LoRA)" stage6
+run_stage 7 "per-speaker LoRA adaptation" stage7
+run_stage 8 "decoding" stage8
+run_stage 9 "scoring" stage9
+log "finished stages ${stage}..${stop_stage}; results: ${expdir}/results.json, ${expdir}/RESULTS.md"

@@ -1,0 +1,64 @@
+"""Shared fixtures: small real data from ../shared and a tiny real ESPnet Conformer."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FSDD = SHARED / "corpora" / "fsdd"
+TINY_CONFIG = ROOT / "conf" / "tuning" / "train_conformer_tiny.yaml"
+TOKENS = ["<blank>", "<unk>", "eight", "five", "four", "nine", "one", "seven", "six", "three", "two", "zero", "<sos/eos>"]
+
+
+@pytest.fixture(scope="session")
+def fsdd_dir() -> Path:
+    if not (FSDD / "recordings").is_dir():
+        pytest.skip(f"{FSDD} is absent: the FSDD copy in ../shared is needed")
+    return FSDD
+
+
+def make_fsdd_subset(dst: Path, speakers: list[str], per_digit: int = 50) -> Path:
+    """Copy a subset of FSDD (the real files) into ``dst/recordings``."""
+    rec = dst / "recordings"
+    rec.mkdir(parents=True)
+    for spk in speakers:
+        for digit in range(10):
+            for index in range(per_digit):
+                src = FSDD / "recordings" / f"{digit}_{spk}_{index}.wav"
+                shutil.copy(src, rec / src.name)
+    return dst
+
+
+def build_tiny_fp_dir(out: Path, seed: int = 0) -> Path:
+    """Write a randomly initialised tiny ESPnet Conformer as an ``fp`` model folder."""
+    from espnet2.tasks.asr import ASRTask
+
+    parser = ASRTask.get_parser()
+    args = parser.parse_args(["--config", str(TINY_CONFIG), "--token_list", "x", "--frontend_conf", "fs=16k"])
+    args.token_list = list(TOKENS)
+    torch.manual_seed(seed)
+    model = ASRTask.build_model(args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False), encoding="utf-8")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp_dir(tmp_path_factory) -> Path:
+    return build_tiny_fp_dir(tmp_path_factory.mktemp("tiny") / "fp")
+
+
+@pytest.fixture(scope="session")
+def token_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokens") / "tokens.txt"
+    path.write_text("\n".join(TOKENS) + "\n", encoding="utf-8")
+    return path

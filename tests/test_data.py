@@ -1,0 +1,104 @@
+"""The FSDD lhotse recipe, the connected-digit task and the token list."""
+
+from __future__ import annotations
+
+import pytest
+from lhotse import CutSet
+
+from conftest import make_fsdd_subset
+from pqm.connected_digits import DigitTaskConfig, make_connected_digits, plan_utterances
+from pqm.fsutil import BadInput, MissingInput, check_safe_id
+from pqm.recipes.fsdd import prepare_fsdd
+from pqm.tokens import WordTokenizer, build_token_list
+
+
+@pytest.fixture(scope="module")
+def corpus(fsdd_dir, tmp_path_factory):
+    return prepare_fsdd(make_fsdd_subset(tmp_path_factory.mktemp("fsdd"), ["george", "jackson", "theo"], per_digit=10))
+
+
+def test_prepare_fsdd_real_files(corpus):
+    recs, sups = corpus["recordings"], corpus["supervisions"]
+    assert len(recs) == len(sups) == 300
+    sup = sups["3_theo_7"]
+    assert sup.text == "three" and sup.speaker == "theo"
+    assert recs["3_theo_7"].sampling_rate == 8000
+
+
+def _cfg(**kw):
+    base = dict(train_speakers=["jackson", "theo"], test_speakers=["george"], train_per_speaker=20,
+                valid_per_digit=2, adapt_per_digit=4, adapt_per_speaker=10, seed=3)
+    base.update(kw)
+    return DigitTaskConfig(**base)
+
+
+def test_plan_keeps_sets_apart(corpus):
+    plan = plan_utterances(corpus["supervisions"], _cfg(valid_per_digit=42))  # indices >= 8 are valid
+    used = {name: {r for _, _, g in items for r in g} for name, items in plan.items()}
+    assert not used["adapt"] & used["eval"]
+    assert not used["train"] & used["valid"]
+    assert all("george" not in r for r in used["train"] | used["valid"])
+    assert all(int(r.split("_")[2]) < 4 for r in used["adapt"])
+    assert all(int(r.split("_")[2]) >= 4 for r in used["eval"])
+    eval_recs = [r for _, _, g in plan["eval"] for r in g]
+    assert len(eval_recs) == len(set(eval_recs)) == 60  # each evaluation recording once
+    assert all(1 <= len(g) <= 7 for items in plan.values() for _, _, g in items)
+    assert plan == plan_utterances(corpus["supervisions"], _cfg(valid_per_digit=42))  # deterministic
+    assert plan != plan_utterances(corpus["supervisions"], _cfg(valid_per_digit=42, seed=4))
+
+
+def test_plan_refuses_bad_splits(corpus):
+    with pytest.raises(BadInput, match="both"):
+        plan_utterances(corpus["supervisions"], _cfg(test_speakers=["theo"]))
+    with pytest.raises(BadInput, match="not in the corpus"):
+        plan_utterances(corpus["supervisions"], _cfg(test_speakers=["nobody"]))
+    with pytest.raises(BadInput, match="unsafe"):
+        plan_utterances(corpus["supervisions"], _cfg(test_speakers=["../etc"]))
+
+
+def test_connected_digits_written(corpus, tmp_path):
+    cuts = make_connected_digits(corpus["recordings"], corpus["supervisions"], _cfg(valid_per_digit=42),
+                                 tmp_path / "wav", tmp_path / "manifests")
+    adapt = CutSet.from_file(tmp_path / "manifests" / "fsdd_cuts_adapt.jsonl.gz")
+    assert len(adapt) == 10
+    cut = cuts["eval"][0]
+    audio = cut.load_audio()
+    assert cut.sampling_rate == 16000 and audio.shape[1] > 0
+    words = cut.supervisions[0].text.split()
+    assert len(words) == len(cut.supervisions[0].custom["sources"])
+    assert (tmp_path / "manifests" / "fsdd_recordings_train.jsonl.gz").exists()
+
+
+def test_corrupt_and_empty_audio_named(fsdd_dir, tmp_path):
+    root = make_fsdd_subset(tmp_path / "c", ["george"], per_digit=1)
+    (root / "recordings" / "4_george_0.wav").write_bytes(b"RIFF....not a wav")
+    with pytest.raises(BadInput, match="4_george_0.wav"):
+        prepare_fsdd(root)
+    (root / "recordings" / "4_george_0.wav").write_bytes(b"")
+    with pytest.raises(BadInput, match="4_george_0.wav"):
+        prepare_fsdd(root)
+    assert (root / "recordings" / "4_george_0.wav").exists()  # nothing deleted
+
+
+def test_missing_corpus(tmp_path):
+    with pytest.raises(MissingInput, match="stage 1"):
+        prepare_fsdd(tmp_path)
+
+
+def test_tokenizer_refuses_unknown_and_empty():
+    tok = WordTokenizer(build_token_list(["one two", "three"]))
+    assert tok.encode("two one") == [tok.index["two"], tok.index["one"]]
+    with pytest.raises(BadInput, match="eleven"):
+        tok.encode("one eleven", where="utt1 in text")
+    with pytest.raises(BadInput, match="empty"):
+        tok.encode("  ")
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "-rf", "a b", "x;rm", "é"])
+def test_unsafe_ids(bad):
+    with pytest.raises(BadInput):
+        check_safe_id(bad)
+
+
+def test_safe_id():
+    assert check_safe_id("speaker_1-a.b") == "speaker_1-a.b"

@@ -1,0 +1,47 @@
+"""The Kaldi-style job launcher (local backend)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from pqm.launch import expand, main
+
+
+def test_expand_replaces_job_word_only():
+    tasks = expand("JOB=2:3", "log/x.JOB.log", ["echo", "JOB", "--jobs", "JOBS"])
+    assert [t.index for t in tasks] == [2, 3]
+    assert tasks[0].argv == ["echo", "2", "--jobs", "JOBS"]
+    assert str(tasks[1].log) == "log/x.3.log"
+
+
+@pytest.mark.parametrize("bad", ["JOB=0:2", "JOB=3:1", "JOB=a:b", "1:2"])
+def test_bad_range_is_refused(bad):
+    with pytest.raises(ValueError):
+        expand(bad, "x.JOB.log", ["true"])
+
+
+def test_tasks_run_in_parallel_and_log(tmp_path):
+    code = main(["--max-jobs", "3", "JOB=1:3", str(tmp_path / "t.JOB.log"),
+                 sys.executable, "-c", "import os,sys; print('task', sys.argv[1], os.environ['OMP_NUM_THREADS'])", "JOB"])
+    assert code == 0
+    for i in (1, 2, 3):
+        text = (tmp_path / f"t.{i}.log").read_text()
+        assert f"task {i} 1" in text  # threads per task: at least 1
+        assert "# Ended (code 0)" in text
+
+
+def test_failed_task_does_not_stop_others(tmp_path, capsys):
+    script = "import sys; sys.exit(3 if sys.argv[1] == '2' else 0)"
+    code = main(["--max-jobs", "1", "JOB=1:3", str(tmp_path / "t.JOB.log"), sys.executable, "-c", script, "JOB"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "task 2" in err and "t.2.log" in err
+    assert "# Ended (code 0)" in (tmp_path / "t.3.log").read_text()
+    assert "# Ended (code 3)" in (tmp_path / "t.2.log").read_text()
+
+
+def test_unknown_backend_is_an_error(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--backend", "nope", "JOB=1:1", str(tmp_path / "x.JOB.log"), "true"])

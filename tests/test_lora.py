@@ -1,0 +1,80 @@
+"""peft LoRA adapters on the NF4 model: format, size, fingerprint refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny_fp_dir
+from pqm.lora import AdapterMismatch, LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
+from pqm.model_io import build_model, rebuilt_buffers, save_nf4, to_nf4
+from pqm.nf4 import NF4Config, count_params, quantize_model
+
+
+@pytest.fixture(scope="module")
+def nf4_dir(tiny_fp_dir, tmp_path_factory):
+    model = build_model(tiny_fp_dir)
+    rebuilt = rebuilt_buffers(tiny_fp_dir, model)
+    cfg = NF4Config()
+    out = tmp_path_factory.mktemp("nf4") / "nf4"
+    save_nf4(model, cfg, quantize_model(model, cfg), out, rebuilt)
+    return out
+
+
+def _nf4_model(fp_dir, nf4_dir):
+    model = build_model(fp_dir).eval()
+    return model, to_nf4(model, nf4_dir)
+
+
+def _trained_adapter(fp_dir, nf4_dir, out):
+    model, fp = _nf4_model(fp_dir, nf4_dir)
+    peft_model = add_lora(model, LoraSettings())
+    with torch.no_grad():  # make the adapter non-trivial
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_adapter(peft_model, out, {"base_fingerprint": fp, "lora_params": trainable_params(peft_model)})
+    return peft_model
+
+
+def test_adapter_is_peft_format_and_small(tiny_fp_dir, nf4_dir, tmp_path):
+    peft_model = _trained_adapter(tiny_fp_dir, nf4_dir, tmp_path / "a")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert "adapter_config.json" in files and "adapter_model.safetensors" in files and "pqm_adapter.json" in files
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    n_lora = trainable_params(peft_model)
+    base = count_params(build_model(tiny_fp_dir))
+    assert 0 < n_lora < 0.05 * base  # the tiny model; the default recipe's is reported in results.json
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n for n in names)
+    assert any("encoder.encoders.0.self_attn.linear_q" in n for n in names)
+    assert not any("linear_k" in n or "src_attn" in n for n in names)
+
+
+def test_adapter_reloads_exactly(tiny_fp_dir, nf4_dir, tmp_path):
+    trained = _trained_adapter(tiny_fp_dir, nf4_dir, tmp_path / "a").eval()
+    model, fp = _nf4_model(tiny_fp_dir, nf4_dir)
+    loaded = load_adapter(model, tmp_path / "a", fp).eval()
+    speech, lengths = torch.randn(1, 8000) * 0.1, torch.tensor([8000])
+    with torch.no_grad():
+        a = trained.base_model.model.encode(speech, lengths)[0]
+        b = loaded.base_model.model.encode(speech, lengths)[0]
+        with loaded.disable_adapter():
+            c = loaded.base_model.model.encode(speech, lengths)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(b, c)  # the adapter really changes the output
+
+
+def test_adapter_for_another_base_is_refused(tiny_fp_dir, nf4_dir, tmp_path):
+    _trained_adapter(tiny_fp_dir, nf4_dir, tmp_path / "a")
+    other_fp_dir = build_tiny_fp_dir(tmp_path / "other_fp", seed=1)
+    other = build_model(other_fp_dir)
+    rebuilt = rebuilt_buffers(other_fp_dir, other)
+    cfg = NF4Config()
+    save_nf4(other, cfg, quantize_model(other, cfg), tmp_path / "other_nf4", rebuilt)
+    model, fp = _nf4_model(other_fp_dir, tmp_path / "other_nf4")
+    with pytest.raises(AdapterMismatch, match="trained on base model"):
+        load_adapter(model, tmp_path / "a", fp)

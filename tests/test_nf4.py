@@ -1,0 +1,120 @@
+"""NF4 quantisation with bitsandbytes on a real (tiny) ESPnet Conformer."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pqm.lora import LoraSettings, add_lora
+from pqm.model_io import build_model, rebuilt_buffers, save_nf4, to_nf4
+from pqm.nf4 import Conv4bit, NF4Config, fingerprint, quantize_model
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    speech = torch.randn(2, 16000, generator=g) * 0.1
+    lengths = torch.tensor([16000, 12000])
+    return speech, lengths
+
+
+def _encode(model, speech, lengths):
+    with torch.no_grad():
+        return model.encode(speech, lengths)[0]
+
+
+def test_quantize_replaces_linears_and_large_convs(tiny_fp_dir):
+    model = build_model(tiny_fp_dir).eval()
+    names = quantize_model(model, NF4Config(min_conv_numel=2048))
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit)]
+    assert linears == [], f"Linear layers left in full precision: {linears}"
+    convs = {n for n, m in model.named_modules() if isinstance(m, Conv4bit)}
+    assert "encoder.encoders.0.conv_module.pointwise_conv1" in convs
+    assert "encoder.embed.conv.2" in convs  # the second subsampling convolution
+    assert "encoder.embed.conv.0" not in convs  # 1x64x3x3 = 576 weights: left in fp32
+    assert set(names) >= convs
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            assert m.weight.quant_state.quant_type == "nf4"
+            assert m.weight.quant_state.blocksize == 64
+            assert m.weight.quant_state.nested  # double quantisation on by default
+
+
+def test_nf4_outputs_close_to_fp_but_not_equal(tiny_fp_dir):
+    fp_model = build_model(tiny_fp_dir).eval()
+    nf4_model = build_model(tiny_fp_dir).eval()
+    quantize_model(nf4_model)
+    speech, lengths = _inputs()
+    a, b = _encode(fp_model, speech, lengths), _encode(nf4_model, speech, lengths)
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0.001 < rel < 0.5, f"relative difference fp vs nf4 {rel}"
+
+
+def test_conv4bit_matches_conv_with_dequantized_weight():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(32, 64, 1)
+    q = Conv4bit(conv, NF4Config())
+    w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).reshape(conv.weight.shape)
+    x = torch.randn(2, 32, 10)
+    expected = torch.nn.functional.conv1d(x, w, conv.bias)
+    assert torch.allclose(q(x), expected, atol=1e-6)
+    assert (w - conv.weight).abs().max() > 0  # really 4-bit
+    assert (w - conv.weight).norm() / conv.weight.norm() < 0.2
+
+
+def test_save_load_roundtrip_is_exact(tiny_fp_dir, tmp_path):
+    model = build_model(tiny_fp_dir).eval()
+    rebuilt = rebuilt_buffers(tiny_fp_dir, model)
+    cfg = NF4Config()
+    modules = quantize_model(model, cfg)
+    fp = save_nf4(model, cfg, modules, tmp_path / "nf4", rebuilt)
+    loaded = build_model(tiny_fp_dir).eval()
+    assert to_nf4(loaded, tmp_path / "nf4") == fp
+    speech, lengths = _inputs(1)
+    assert torch.equal(_encode(model, speech, lengths), _encode(loaded, speech, lengths))
+    # the shared code tables are stored once
+    keys = load_file(str(tmp_path / "nf4" / "model.safetensors")).keys()
+    assert sum(k.endswith("quant_map") for k in keys) == 2
+    # NF4 file at least 5x smaller even for this tiny model with its fixed overheads
+    assert (tiny_fp_dir / "model.safetensors").stat().st_size > 5 * (tmp_path / "nf4" / "model.safetensors").stat().st_size
+
+
+def test_train_after_decode_on_nf4(tiny_fp_dir):
+    """The bitsandbytes CPU repacking bug: an eval no-grad forward, then training."""
+    model = build_model(tiny_fp_dir)
+    quantize_model(model)
+    before = fingerprint(model)
+    lin = model.encoder.encoders[0].self_attn.linear_q
+    w_before = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).clone()
+    model = add_lora(model, LoraSettings())
+    speech, lengths = _inputs()
+    model.eval()
+    _encode(model.base_model.model, speech, lengths)  # decode-like forward
+    model.train()
+    text = torch.tensor([[2, 3, 4], [5, 6, -1]])
+    loss = model(speech=speech, speech_lengths=lengths, text=text, text_lengths=torch.tensor([3, 2]))[0]
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads)
+    assert model.base_model.model.encoder.encoders[0].self_attn.linear_q.base_layer is lin  # peft wrapped it
+    w_after = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+    assert torch.equal(w_before, w_after)
+    assert fingerprint(model.base_model.model) != before  # LoRA layers added to the state dict
+
+
+def test_fingerprint_detects_changed_weights(tiny_fp_dir):
+    a = build_model(tiny_fp_dir)
+    b = build_model(tiny_fp_dir)
+    assert fingerprint(a) == fingerprint(b)
+    with torch.no_grad():
+        b.decoder.output_layer.bias[0] += 1e-3
+    assert fingerprint(a) != fingerprint(b)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_double_quant_option(tiny_fp_dir, double_quant):
+    model = build_model(tiny_fp_dir)
+    quantize_model(model, NF4Config(double_quant=double_quant))
+    lin = model.encoder.encoders[0].feed_forward.w_1
+    assert bool(lin.weight.quant_state.nested) == double_quant

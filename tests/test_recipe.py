@@ -1,0 +1,145 @@
+"""run.sh end to end on a tiny configuration, plus its error handling and resumption.
+
+Real components throughout: FSDD recordings, lhotse manifests, ESPnet's trainer
+and beam search, bitsandbytes NF4, peft LoRA, jiwer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from lhotse import CutSet
+
+from conftest import ROOT, make_fsdd_subset
+
+TINY = [
+    "--train-speakers", "jackson theo", "--test-speakers", "george nicolas",
+    "--train-per-speaker", "100", "--adapt-per-digit", "45", "--adapt-per-speaker", "20", "--max-digits", "2",
+    "--train-config", "conf/tuning/train_conformer_tiny.yaml", "--max-epoch", "15",
+    "--sat-epochs", "1", "--sat-utts", "48", "--sa-epochs", "3", "--sa-lr", "0.003", "--beam-size", "2",
+]
+
+
+def run_sh(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["./run.sh", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def recipe(fsdd_dir, tmp_path_factory):
+    """Run all nine stages; george has no adaptation recordings (indices < 45 removed)."""
+    tmp = tmp_path_factory.mktemp("recipe")
+    corpus = make_fsdd_subset(tmp / "fsdd", ["jackson", "theo", "george", "nicolas"])
+    for f in (corpus / "recordings").glob("*_george_*.wav"):
+        if int(f.stem.split("_")[2]) < 45:
+            f.unlink()
+    exp, data = tmp / "exp", tmp / "data"
+    opts = [*TINY, "--fsdd-dir", str(corpus), "--expdir", str(exp), "--datadir", str(data), "--nj", "2"]
+    proc = run_sh(*opts)
+    return {"exp": exp, "data": data, "opts": opts, "stdout": proc.stdout}
+
+
+def test_results_schema_and_consistency(recipe):
+    exp = recipe["exp"]
+    results = json.loads((exp / "results.json").read_text())
+    assert results["corpus"] == "fsdd" and results["model"] == "conformer"
+    assert results["test_speakers"] == ["george", "nicolas"]
+    assert set(results["systems"]) == {"fp", "nf4", "nf4_sat", "nf4_sa", "pqm"}
+    eval_cuts = CutSet.from_file(recipe["data"] / "manifests" / "fsdd_cuts_eval.jsonl.gz")
+    n_words = sum(len(c.supervisions[0].text.split()) for c in eval_cuts)
+    for name, r in results["systems"].items():
+        assert r["words"] == n_words
+        assert r["wer"] == pytest.approx(100 * r["errors"] / r["words"], abs=0.01)
+        assert sum(s["errors"] for s in r["per_speaker"].values()) == r["errors"]
+        assert set(r["per_speaker"]) == {"george", "nicolas"}
+    assert results["size_bytes"]["fp32"] > 4 * results["size_bytes"]["nf4"]
+    assert 0 < results["params"]["lora_per_speaker"] < results["params"]["base"]
+    assert set(results["stage_seconds"]) == {str(i) for i in range(1, 10)}
+    assert "| pqm |" in (exp / "RESULTS.md").read_text()
+    assert (exp / "wer_per_speaker.png").read_bytes()[:4] == b"\x89PNG"
+    assert "RESULTS.md" in recipe["stdout"]
+
+
+def test_speaker_without_adaptation_data_falls_back(recipe):
+    exp = recipe["exp"]
+    assert (exp / "adapters" / "pqm" / "george" / "fallback.json").exists()
+    assert (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").exists()
+    results = json.loads((exp / "results.json").read_text())
+    assert results["systems"]["pqm"]["per_speaker"]["george"]["fallback"] == "nf4_sat"
+    assert results["systems"]["nf4_sa"]["per_speaker"]["george"]["fallback"] == "nf4"
+    assert "fallback" not in results["systems"]["pqm"]["per_speaker"]["nicolas"]
+    # the fallback really decodes with the SAT adapter
+    sat = (exp / "decode" / "nf4_sat" / "george" / "text").read_text()
+    assert (exp / "decode" / "pqm" / "george" / "text").read_text() == sat
+    assert "fallback: nf4_sat" in (exp / "RESULTS.md").read_text()
+
+
+def test_fp_model_really_learned_and_nf4_differs(recipe):
+    """Decode the fp model on its own training utterances: real decoding, low WER."""
+    exp, data = recipe["exp"], recipe["data"]
+    out = exp / "decode_train"
+    cmd = [sys.executable, "-m", "pqm.decode", "--fp-dir", str(exp / "fp"), "--nf4-dir", str(exp / "nf4"),
+           "--sat-dir", str(exp / "sat"), "--adapter-dir", str(exp / "adapters"),
+           "--cuts", str(data / "manifests" / "fsdd_cuts_train.jsonl.gz"), "--speaker", "jackson",
+           "--systems", "fp", "nf4", "--beam-size", "2", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    from pqm.score import count_errors, read_text_file
+
+    cuts = CutSet.from_file(data / "manifests" / "fsdd_cuts_train.jsonl.gz")
+    refs = {c.id: c.supervisions[0].text for c in cuts if c.supervisions[0].speaker == "jackson"}
+    fp_hyps = read_text_file(out / "fp" / "jackson" / "text")
+    nf4_hyps = read_text_file(out / "nf4" / "jackson" / "text")
+    assert set(fp_hyps) == set(refs)
+    utts = sorted(refs)
+    fp = count_errors([refs[u] for u in utts], [fp_hyps[u] for u in utts])
+    assert fp["wer"] < 25, f"fp WER on its own training utterances is {fp['wer']}%"
+    # NF4 changes the model: its scores differ even where the best word sequence is the same
+    assert fp_hyps != nf4_hyps or (exp / "nf4" / "model.safetensors").stat().st_size < (exp / "fp" / "model.safetensors").stat().st_size / 4
+
+
+def test_rerun_skips_done_stages(recipe):
+    proc = run_sh(*recipe["opts"], "--stage", "5", "--stop-stage", "9")
+    assert "Stage 5: NF4 quantisation: already done" in proc.stdout
+
+
+def test_killed_stage_is_redone_cleanly(recipe):
+    exp = recipe["exp"]
+    (exp / ".done" / "stage6").unlink()
+    adapter = exp / "sat" / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    proc = subprocess.Popen(["./run.sh", *recipe["opts"], "--stage", "6", "--stop-stage", "6"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = exp / "log" / "stage6.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and "training" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (exp / ".done" / "stage6").exists()
+    assert adapter.read_bytes() == before  # the old adapter was never half-overwritten
+    assert not (exp / ".done" / "stage7").exists()  # later stages must be redone
+    run_sh(*recipe["opts"], "--stage", "6", "--stop-stage", "6")
+    assert (exp / ".done" / "stage6").exists()
+    assert json.loads((exp / "sat" / "pqm_adapter.json").read_text())["base_fingerprint"]
+    assert not [p for p in (exp).iterdir() if p.name.startswith(".sat.")]  # no temporary left
+
+
+def test_bad_options_and_missing_inputs(tmp_path):
+    proc = run_sh("--bogus-option", "1", check=False)
+    assert proc.returncode != 0 and "unknown option --bogus-option" in proc.stderr
+    proc = run_sh("--nj", "zero", check=False)
+    assert proc.returncode != 0 and "--nj zero" in proc.stderr
+    proc = run_sh("--stage", "5", "--stop-stage", "5", "--expdir", str(tmp_path / "e"), check=False)
+    assert proc.returncode != 0
+    assert "fp/model.safetensors: run stage 4 first" in proc.stderr + proc.stdout
+    proc = run_sh("--model", "rnn", check=False)
+    assert proc.returncode != 0 and "--model rnn" in proc.stderr
