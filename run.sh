@@ -26,7 +26,7 @@ adapt_per_digit=20      # test speakers: recordings with index < this are for ad
 adapt_per_speaker=100   # adaptation utterances drawn per test speaker
 max_digits=7            # digits per utterance: 1..max_digits
 train_config=conf/train_conformer.yaml
-max_epoch=10            # Conformer training epochs
+max_epoch=12            # Conformer training epochs
 nf4_blocksize=64
 nf4_double_quant=true
 nf4_min_conv_numel=2048 # quantise convolutions with at least this many weights
@@ -39,7 +39,7 @@ sat_utts=0              # SAT on at most this many training utterances (0: all)
 sa_epochs=10
 sa_lr=0.001
 beam_size=4
-ctc_weight=0.3
+ctc_weight=0.5           # CTC weight in joint decoding (chosen on the valid set of training speakers)
 cmd_backend=local
 # End of options
 
@@ -77,6 +77,8 @@ run_stage() {
     log "Stage ${n}: ${title}"
     local start=${SECONDS}
     local later rc
+    PQM_STAGE_START=$(date +%s.%N)  # lets stage 9 report its own wall time
+    export PQM_STAGE_START
     for later in $(seq $((n + 1)) 9); do rm -f "${done_dir}/stage${later}"; done
     set +e
     ( set -e; "${fn}" ) 2>&1 | tee "${expdir}/log/stage${n}.log"

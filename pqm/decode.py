@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--job", type=int, default=None)
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--beam-size", type=int, default=4)
-    p.add_argument("--ctc-weight", type=float, default=0.3)
+    p.add_argument("--ctc-weight", type=float, default=0.5)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     setup_logging()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 
 import jiwer
@@ -126,12 +128,18 @@ def plot(results: dict, path: Path) -> None:
 
 
 def stage_seconds(expdir: Path) -> dict[str, float]:
-    """Wall time per stage as recorded by run.sh in ``<expdir>/timing/stage<N>.seconds``."""
+    """Wall time per stage as recorded by run.sh in ``<expdir>/timing/stage<N>.seconds``.
+
+    Stage 9 (this one) is still running: its time so far comes from the start
+    time run.sh exports as ``PQM_STAGE_START``.
+    """
     out = {}
-    for n in range(1, 10):
+    for n in range(1, 9):
         f = expdir / "timing" / f"stage{n}.seconds"
         if f.exists():
             out[str(n)] = float(f.read_text().strip())
+    if "PQM_STAGE_START" in os.environ:
+        out["9"] = round(time.time() - float(os.environ["PQM_STAGE_START"]), 1)
     return out
 
 

@@ -102,3 +102,22 @@ def test_unsafe_ids(bad):
 
 def test_safe_id():
     assert check_safe_id("speaker_1-a.b") == "speaker_1-a.b"
+
+
+def test_stage3_refuses_words_outside_the_token_list(corpus, tmp_path):
+    from lhotse import SupervisionSet
+    from lhotse.utils import fastcopy
+
+    from pqm.espnet_data import main as espnet_data
+
+    make_connected_digits(corpus["recordings"], corpus["supervisions"], _cfg(valid_per_digit=42),
+                          tmp_path / "wav", tmp_path / "manifests")
+    path = tmp_path / "manifests" / "fsdd_supervisions_eval.jsonl.gz"
+    sups = SupervisionSet.from_file(path)
+    bad_id = next(iter(sups)).id
+    SupervisionSet.from_segments(
+        [fastcopy(s, text=s.text + " eleven") if s.id == bad_id else s for s in sups]
+    ).to_file(path)
+    with pytest.raises(BadInput, match=f"{bad_id}.*eleven"):
+        espnet_data(["--datadir", str(tmp_path)])
+    assert (tmp_path / "manifests" / "fsdd_cuts_eval.jsonl.gz").exists()  # nothing lost

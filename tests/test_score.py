@@ -1,0 +1,40 @@
+"""Scoring with jiwer and the results table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pqm.decode import write_hyps
+from pqm.score import count_errors, markdown, score
+
+
+def test_count_errors_matches_hand_count():
+    # ref "one two three" vs hyp "one three three four": 1 substitution + 1 insertion
+    r = count_errors(["one two three", "five"], ["one three three four", "five"])
+    assert r == {"wer": 50.0, "errors": 2, "words": 4}
+
+
+def test_score_per_speaker_and_fallback(tmp_path):
+    refs = {"a-1": "one two", "a-2": "three", "b-1": "four four"}
+    speakers = {"a-1": "a", "a-2": "a", "b-1": "b"}
+    for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
+        write_hyps(tmp_path / system / "a", {"a-1": "one two", "a-2": "six"}, {"system": system})
+        info = {"system": system, "fallback": "nf4_sat"} if system == "pqm" else {"system": system}
+        write_hyps(tmp_path / system / "b", {"b-1": "four"}, info)
+    systems = score(tmp_path, refs, speakers)
+    assert systems["fp"]["per_speaker"]["a"] == {"wer": pytest.approx(33.33), "errors": 1, "words": 3}
+    assert systems["fp"]["errors"] == 2 and systems["fp"]["words"] == 5
+    assert systems["pqm"]["per_speaker"]["b"]["fallback"] == "nf4_sat"
+    results = {"corpus": "c", "model": "m", "test_speakers": ["a", "b"], "systems": systems,
+               "size_bytes": {"fp32": 800, "nf4": 100}, "params": {"base": 1000, "lora_per_speaker": 9}}
+    table = markdown(results)
+    assert "| pqm | 40.00 | 2 | 5 |" in table and "fallback: nf4_sat" in table and "8.00x smaller" in table
+    json.dumps(results)
+
+
+def test_missing_hypotheses_named(tmp_path):
+    write_hyps(tmp_path / "fp" / "a", {"a-1": "one"}, {})
+    with pytest.raises(Exception, match="a-2"):
+        score(tmp_path, {"a-1": "one", "a-2": "two"}, {"a-1": "a", "a-2": "a"})
