@@ -43,6 +43,7 @@ ctc_weight=0.5           # CTC weight in joint decoding (chosen on the valid set
 cmd_backend=local
 # End of options
 
+cmdline="$0 $*"
 . ./local/parse_options.sh
 . ./path.sh
 . ./cmd.sh
@@ -56,7 +57,7 @@ need() { [ -e "$1" ] || die "missing $1: run $2 first (e.g. ./run.sh --stage ${2
 [[ "${nj}" =~ ^[1-9][0-9]*$ ]] || die "--nj ${nj}: a positive integer is needed"
 [ -z "${pretrained}" ] || [ -d "${pretrained}" ] || die "--pretrained ${pretrained}: no such folder"
 mkdir -p "${expdir}/log" "${expdir}/timing" "${datadir}"
-echo "$0 $*" >> "${expdir}/run.cmd"
+echo "${cmdline}" >> "${expdir}/run.cmd"
 done_dir=${expdir}/.done
 mkdir -p "${done_dir}"
 manifests=${datadir}/manifests
@@ -122,9 +123,12 @@ stage3() {
 
 stage4() {
     if [ -n "${pretrained}" ]; then
-        local ckpt
-        ckpt=$(ls "${pretrained}"/model.safetensors "${pretrained}"/valid.acc.ave.pth "${pretrained}"/*.pth 2>/dev/null | head -n 1 || true)
-        [ -n "${ckpt}" ] || die "--pretrained ${pretrained}: no model.safetensors or .pth file in it"
+        local ckpt="" candidate
+        for candidate in model.safetensors valid.acc.ave.pth valid.acc.best.pth model.pth; do
+            if [ -f "${pretrained}/${candidate}" ]; then ckpt=${pretrained}/${candidate}; break; fi
+        done
+        [ -n "${ckpt}" ] || die "--pretrained ${pretrained}: no model.safetensors, valid.acc.ave.pth, valid.acc.best.pth or model.pth in it"
+        [ -f "${pretrained}/config.yaml" ] || die "--pretrained ${pretrained}: no config.yaml (ESPnet's training config) in it"
         python -m pqm.model_io --config "${pretrained}/config.yaml" --checkpoint "${ckpt}" --out "${expdir}/fp"
         return
     fi
