@@ -34,7 +34,9 @@ def freeze_batchnorm(model: torch.nn.Module) -> None:
             m.eval()
 
 
-def train_adapter(model, cuts: CutSet, tokenizer: WordTokenizer, epochs: int, lr: float, batch_size: int, seed: int) -> list[float]:
+def train_adapter(
+    model, cuts: CutSet, tokenizer: WordTokenizer, epochs: int, lr: float, batch_size: int, seed: int, device: str = "cpu"
+) -> list[float]:
     """Train the trainable (LoRA) parameters of ``model``; return the mean loss per epoch."""
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -45,7 +47,7 @@ def train_adapter(model, cuts: CutSet, tokenizer: WordTokenizer, epochs: int, lr
         total, count = 0.0, 0
         batches = iterate_batches(cuts, tokenizer, batch_size, epoch=epoch, seed=seed)
         for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", mininterval=5):
-            loss = model(**batch)[0]
+            loss = model(**{k: v.to(device) for k, v in batch.items()})[0]
             optim.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         model = add_lora(model, LoraSettings(a.lora_r, a.lora_alpha, a.lora_dropout, a.lora_targets))
     n_lora = trainable_params(model)
     logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on {len(cuts)} utterances")
-    losses = train_adapter(model, cuts, tokenizer, a.epochs, a.lr, a.batch_size, a.seed)
+    losses = train_adapter(model, cuts, tokenizer, a.epochs, a.lr, a.batch_size, a.seed, a.device)
     save_adapter(
         model,
         out,

@@ -46,8 +46,29 @@ def export_fp_model(config: Path, checkpoint: Path, out_dir: Path) -> None:
             shutil.copy(require(found, "stage 3 (feature statistics)"), tmp / "feats_stats.npz")
             args["normalize_conf"]["stats_file"] = "feats_stats.npz"
         (tmp / "config.yaml").write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
+        state = canonical_buffers(state, build_model(tmp, load_weights=False))
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     logging.info(f"exported the full-precision model to {out_dir}")
+
+
+def canonical_buffers(state: dict[str, torch.Tensor], fresh: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Give fixed buffers (e.g. the mel filterbank) the exact values the model constructor makes.
+
+    ESPnet's checkpoint averaging also averages such buffers, which can move
+    them by a rounding error; restoring the constructor's values lets the NF4
+    file leave them out (see :func:`rebuilt_buffers`). Parameters and buffers
+    that training changed (BatchNorm statistics) are never touched.
+    """
+    params = {n for n, _ in fresh.named_parameters()}
+    out = dict(state)
+    for key, value in fresh.state_dict().items():
+        old = state.get(key)
+        if key in params or old is None or old.shape != value.shape or torch.equal(old, value.to(old.dtype)):
+            continue
+        if old.is_floating_point() and torch.allclose(old, value.to(old.dtype), rtol=1e-5, atol=1e-7):
+            out[key] = value.to(old.dtype)
+            logging.info(f"buffer {key}: restored the constructor's exact values (differed by rounding)")
+    return out
 
 
 def _resolved_config(fp_dir: Path) -> Path:
