@@ -27,6 +27,15 @@ from pqm.model_io import build_speech2text, to_nf4
 SYSTEMS = ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm")
 
 
+class _QuietBeamSearch(logging.Filter):
+    """Drop ESPnet's per-utterance INFO lines (beam search details) from the decoding log."""
+
+    NOISY = ("beam_search", "batch_beam_search", "asr_inference")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or record.module not in self.NOISY
+
+
 def decode_cuts(s2t, cuts: CutSet, desc: str) -> dict[str, str]:
     """Return ``{utterance id: hypothesis}`` from ESPnet's beam search."""
     hyps = {}
@@ -62,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     setup_logging()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietBeamSearch())
     speaker = a.speaker
     if a.speaker_list is not None:
         if a.job is None:
