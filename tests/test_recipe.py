@@ -116,12 +116,14 @@ def test_killed_stage_is_redone_cleanly(recipe):
     (exp / ".done" / "stage6").unlink()
     adapter = exp / "sat" / "adapter_model.safetensors"
     before = adapter.read_bytes()
-    proc = subprocess.Popen(["./run.sh", *recipe["opts"], "--stage", "6", "--stop-stage", "6"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = exp / "log" / "stage6.log"
+    log.unlink()
+    proc = subprocess.Popen(["./run.sh", *recipe["opts"], "--stage", "6", "--stop-stage", "6"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and "training" not in (log.read_text() if log.exists() else ""):
         time.sleep(0.5)
+    assert "training" in log.read_text(), "stage 6 did not start training within 120 s"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (exp / ".done" / "stage6").exists()
