@@ -6,22 +6,31 @@ from the SAT adapter (``--init``) for ``pqm`` or from scratch for the
 ``nf4_sa`` ablation. A speaker without adaptation data gets no adapter but a
 ``fallback.json`` that says so; decoding then uses the SAT adapter (``pqm``)
 or the bare NF4 model (``nf4_sa``) and the results mark the speaker.
+
+Training state is checkpointed after every epoch (``.<out>.checkpoint``), so a
+killed job resumes where it stopped; an adapter already trained with the same
+inputs and settings (``run_key`` in ``pqm_adapter.json``) is not trained again,
+so rerunning a stage redoes only the speakers whose jobs failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from lhotse import CutSet
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from pqm.batches import iterate_batches
-from pqm.fsutil import check_safe_id, cli, require, setup_logging, write_json
-from pqm.lora import LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
+from pqm.fsutil import atomic_path, check_safe_id, cli, read_json, require, setup_logging, write_json
+from pqm.lora import META, LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
 from pqm.model_io import build_model, to_nf4
 from pqm.nf4 import count_params
 from pqm.tokens import WordTokenizer, read_token_list
@@ -34,14 +43,68 @@ def freeze_batchnorm(model: torch.nn.Module) -> None:
             m.eval()
 
 
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet) -> dict:
+    """Everything that determines an adapter: equal keys mean equal training runs."""
+    nf4_meta = read_json(a.nf4_dir / "nf4.json", "stage 5 (NF4 quantisation)")
+    init = _file_digest(require(a.init / "adapter_model.safetensors", "stage 6 (SAT)")) if a.init else None
+    utts = hashlib.sha256(" ".join(sorted(c.id for c in cuts)).encode()).hexdigest()
+    return {
+        "base_fingerprint": nf4_meta["fingerprint"], "init_digest": init, "speaker": speaker, "utterances": utts,
+        "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size, "seed": a.seed, "lora_r": a.lora_r,
+        "lora_alpha": a.lora_alpha, "lora_dropout": a.lora_dropout, "lora_targets": a.lora_targets,
+    }
+
+
+class Checkpoint:
+    """Per-epoch training state in ``<dir>``, written atomically, for resuming a killed run."""
+
+    def __init__(self, path: Path, key: dict) -> None:
+        self.path, self.key = path, key
+
+    def save(self, model, optim: torch.optim.Optimizer, epoch: int, losses: list[float]) -> None:
+        with atomic_path(self.path) as tmp:
+            tmp.mkdir()
+            save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}, str(tmp / "lora.safetensors"))
+            torch.save({"optim": optim.state_dict(), "rng": torch.get_rng_state()}, tmp / "optim.pt")
+            write_json(tmp / "state.json", {"key": self.key, "epoch": epoch, "losses": losses})
+
+    def load(self, model, optim: torch.optim.Optimizer) -> tuple[int, list[float]]:
+        """Restore the state of a matching checkpoint; return (epochs done, losses)."""
+        state_file = self.path / "state.json"
+        if not state_file.exists():
+            return 0, []
+        state = read_json(state_file)
+        if state["key"] != self.key:
+            logging.info(f"ignoring checkpoint {self.path}: it was made with other inputs or settings")
+            return 0, []
+        set_peft_model_state_dict(model, load_file(str(self.path / "lora.safetensors")))
+        extra = torch.load(self.path / "optim.pt", weights_only=True)
+        optim.load_state_dict(extra["optim"])
+        torch.set_rng_state(extra["rng"])
+        logging.info(f"resuming from {self.path} after epoch {state['epoch']}")
+        return state["epoch"], state["losses"]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 def train_adapter(
-    model, cuts: CutSet, tokenizer: WordTokenizer, epochs: int, lr: float, batch_size: int, seed: int, device: str = "cpu"
+    model, cuts: CutSet, tokenizer: WordTokenizer, epochs: int, lr: float, batch_size: int, seed: int,
+    device: str = "cpu", checkpoint: Checkpoint | None = None,
 ) -> list[float]:
-    """Train the trainable (LoRA) parameters of ``model``; return the mean loss per epoch."""
+    """Train the trainable (LoRA) parameters of ``model``; return the mean loss per epoch.
+
+    With ``checkpoint``, the state is saved after every epoch and a matching
+    saved state is resumed from.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
-    for epoch in range(epochs):
+    done, losses = checkpoint.load(model, optim) if checkpoint else (0, [])
+    for epoch in range(done, epochs):
         model.train()
         freeze_batchnorm(model)
         total, count = 0.0, 0
@@ -55,6 +118,8 @@ def train_adapter(
             total, count = total + loss.item(), count + 1
         losses.append(total / max(count, 1))
         logging.info(f"epoch {epoch + 1}: mean loss {losses[-1]:.3f} over {count} batches")
+        if checkpoint:
+            checkpoint.save(model, optim, epoch + 1, losses)
     model.eval()
     return losses
 
@@ -102,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         logging.warning(f"speaker {speaker}: no adaptation data in {a.cuts}; falling back (see {out}/fallback.json)")
         write_json(out / "fallback.json", {"speaker": speaker, "reason": f"no adaptation utterances in {a.cuts}"})
         return
+    key = run_key(a, speaker, cuts)
+    if (out / META).exists() and read_json(out / META).get("run_key") == key:
+        logging.info(f"{out} was already trained with these inputs and settings: nothing to do")
+        return
     (out / "fallback.json").unlink(missing_ok=True)
     tokenizer = WordTokenizer(read_token_list(require(a.token_list, "stage 3 (token list)")))
     start = time.time()
@@ -114,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         model = add_lora(model, LoraSettings(a.lora_r, a.lora_alpha, a.lora_dropout, a.lora_targets))
     n_lora = trainable_params(model)
     logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on {len(cuts)} utterances")
-    losses = train_adapter(model, cuts, tokenizer, a.epochs, a.lr, a.batch_size, a.seed, a.device)
+    checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
+    losses = train_adapter(model, cuts, tokenizer, a.epochs, a.lr, a.batch_size, a.seed, a.device, checkpoint)
     save_adapter(
         model,
         out,
@@ -130,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
             "lora_params": n_lora,
             "base_params": base_params,
             "seconds": round(time.time() - start, 1),
+            "run_key": key,
         },
     )
+    checkpoint.remove()
     logging.info(f"wrote adapter {out}")
 
 

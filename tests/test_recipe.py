@@ -112,27 +112,30 @@ def test_rerun_skips_done_stages(recipe):
 
 
 def test_killed_stage_is_redone_cleanly(recipe):
+    """SIGKILL during SAT with a new learning rate: the old adapter stays whole, the rerun finishes."""
     exp = recipe["exp"]
+    opts = [*recipe["opts"], "--sat-lr", "0.002", "--sat-epochs", "30", "--stage", "6", "--stop-stage", "6"]
     (exp / ".done" / "stage6").unlink()
     adapter = exp / "sat" / "adapter_model.safetensors"
     before = adapter.read_bytes()
     log = exp / "log" / "stage6.log"
     log.unlink()
-    proc = subprocess.Popen(["./run.sh", *recipe["opts"], "--stage", "6", "--stop-stage", "6"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(["./run.sh", *opts], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and "training" not in (log.read_text() if log.exists() else ""):
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert "training" in log.read_text(), "stage 6 did not start training within 120 s"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (exp / ".done" / "stage6").exists()
     assert adapter.read_bytes() == before  # the old adapter was never half-overwritten
     assert not (exp / ".done" / "stage7").exists()  # later stages must be redone
-    run_sh(*recipe["opts"], "--stage", "6", "--stop-stage", "6")
+    run_sh(*opts)
     assert (exp / ".done" / "stage6").exists()
-    assert json.loads((exp / "sat" / "pqm_adapter.json").read_text())["base_fingerprint"]
-    assert not [p for p in (exp).iterdir() if p.name.startswith(".sat.")]  # no temporary left
+    meta = json.loads((exp / "sat" / "pqm_adapter.json").read_text())
+    assert meta["lr"] == 0.002 and meta["epochs"] == 30 and meta["base_fingerprint"]
+    assert not [p for p in exp.iterdir() if p.name.startswith(".sat.")]  # no temporary left
 
 
 def test_bad_options_and_missing_inputs(tmp_path):

@@ -1,0 +1,73 @@
+"""LoRA training jobs (stages 6-7): resume after SIGKILL, skip finished work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TOKENS, make_fsdd_subset
+from pqm.connected_digits import DigitTaskConfig, make_connected_digits
+from pqm.model_io import build_model, rebuilt_buffers, save_nf4
+from pqm.nf4 import NF4Config, quantize_model
+from pqm.recipes.fsdd import prepare_fsdd
+
+
+@pytest.fixture(scope="module")
+def setup(fsdd_dir, tiny_fp_dir, token_file, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapt")
+    corpus = prepare_fsdd(make_fsdd_subset(tmp / "fsdd", ["george", "jackson"], per_digit=4))
+    cfg = DigitTaskConfig(train_speakers=["jackson"], test_speakers=["george"], train_per_speaker=8,
+                          valid_per_digit=47, adapt_per_digit=2, adapt_per_speaker=12, max_digits=2)
+    make_connected_digits(corpus["recordings"], corpus["supervisions"], cfg, tmp / "wav", tmp / "manifests")
+    model = build_model(tiny_fp_dir)
+    rebuilt = rebuilt_buffers(tiny_fp_dir, model)
+    save_nf4(model, NF4Config(), quantize_model(model), tmp / "nf4", rebuilt)
+    return tmp, tiny_fp_dir, token_file
+
+
+def _cmd(setup, out, epochs=6):
+    tmp, fp_dir, tokens = setup
+    return [sys.executable, "-m", "pqm.adapt", "--fp-dir", str(fp_dir), "--nf4-dir", str(tmp / "nf4"),
+            "--cuts", str(tmp / "manifests" / "fsdd_cuts_adapt.jsonl.gz"), "--token-list", str(tokens),
+            "--speaker", "george", "--epochs", str(epochs), "--batch-size", "4", "--lr", "0.01", "--out", str(out)]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def test_killed_job_resumes_to_the_same_adapter(setup, tmp_path):
+    subprocess.run(_cmd(setup, tmp_path / "a"), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    proc = subprocess.Popen(_cmd(setup, tmp_path / "b"), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    state = tmp_path / ".b.checkpoint" / "state.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and not state.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (tmp_path / "b").exists(), "the job was not killed between epochs 1 and 6"
+    again = subprocess.run(_cmd(setup, tmp_path / "b"), cwd=ROOT, env=ENV, check=True, capture_output=True, text=True)
+    assert "resuming from" in again.stderr
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / ".b.checkpoint").exists()  # removed once the adapter is written
+
+
+def test_finished_adapter_is_not_retrained(setup, tmp_path):
+    subprocess.run(_cmd(setup, tmp_path / "a", epochs=1), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    before = (tmp_path / "a" / "adapter_model.safetensors").stat().st_mtime_ns
+    again = subprocess.run(_cmd(setup, tmp_path / "a", epochs=1), cwd=ROOT, env=ENV, check=True,
+                           capture_output=True, text=True)
+    assert "nothing to do" in again.stderr
+    assert (tmp_path / "a" / "adapter_model.safetensors").stat().st_mtime_ns == before
+    changed = subprocess.run(_cmd(setup, tmp_path / "a", epochs=2), cwd=ROOT, env=ENV, check=True,
+                             capture_output=True, text=True)
+    assert "nothing to do" not in changed.stderr  # other settings: trained again
