@@ -98,15 +98,16 @@ def main(argv: list[str] | None = None) -> None:
             peft_model.set_adapter("sat")
         elif system in ("nf4_sa", "pqm"):
             adapter = a.adapter_dir / system / tag
-            if (adapter / "fallback.json").exists() or not adapter.exists():
+            if (adapter / "fallback.json").exists():  # the speaker had no adaptation data
                 fallback = "nf4_sat" if system == "pqm" else "nf4"
-                logging.warning(f"{system}/{tag}: no per-speaker adapter, decoding with {fallback} instead")
+                logging.warning(f"{system}/{tag}: no adaptation data, decoding with {fallback} instead")
                 info["fallback"] = fallback
                 if fallback == "nf4_sat":
                     peft_model.set_adapter("sat")
                 else:
                     use = peft_model.disable_adapter()
             else:
+                require(adapter / "adapter_model.safetensors", f"stage 7 (its job for speaker {tag} failed or did not run)")
                 load_adapter(peft_model, adapter, base_fp, name=system)
                 peft_model.set_adapter(system)
         if system not in wanted:

@@ -106,6 +106,22 @@ def test_fp_model_really_learned_and_nf4_differs(recipe):
     assert fp_hyps != nf4_hyps or (exp / "nf4" / "model.safetensors").stat().st_size < (exp / "fp" / "model.safetensors").stat().st_size / 4
 
 
+def test_missing_speaker_adapter_is_refused(recipe):
+    """A speaker whose stage-7 job failed is never decoded with another system's model."""
+    exp, data = recipe["exp"], recipe["data"]
+    (exp / "adapters" / "pqm" / "nicolas").rename(exp / "nicolas.saved")
+    try:
+        cmd = [sys.executable, "-m", "pqm.decode", "--fp-dir", str(exp / "fp"), "--nf4-dir", str(exp / "nf4"),
+               "--sat-dir", str(exp / "sat"), "--adapter-dir", str(exp / "adapters"), "--speaker", "nicolas",
+               "--cuts", str(data / "manifests" / "fsdd_cuts_eval.jsonl.gz"), "--systems", "pqm",
+               "--out", str(exp / "decode_missing")]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    finally:
+        (exp / "nicolas.saved").rename(exp / "adapters" / "pqm" / "nicolas")
+    assert proc.returncode == 2 and "stage 7" in proc.stderr and "nicolas" in proc.stderr
+    assert not (exp / "decode_missing" / "pqm").exists()
+
+
 def test_rerun_skips_done_stages(recipe):
     proc = run_sh(*recipe["opts"], "--stage", "5", "--stop-stage", "9")
     assert "Stage 5: NF4 quantisation: already done" in proc.stdout

@@ -38,3 +38,16 @@ def test_missing_hypotheses_named(tmp_path):
     write_hyps(tmp_path / "fp" / "a", {"a-1": "one"}, {})
     with pytest.raises(Exception, match="a-2"):
         score(tmp_path, {"a-1": "one", "a-2": "two"}, {"a-1": "a", "a-2": "a"})
+
+
+def test_decode_names_missing_cuts(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, "-m", "pqm.decode", "--fp-dir", str(tmp_path / "fp"), "--nf4-dir", str(tmp_path / "nf4"),
+           "--sat-dir", str(tmp_path / "sat"), "--adapter-dir", str(tmp_path / "adapters"),
+           "--cuts", str(tmp_path / "none.jsonl.gz"), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "none.jsonl.gz" in proc.stderr and "stage 2" in proc.stderr
