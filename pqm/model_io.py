@@ -9,6 +9,7 @@ read with safetensors or ``torch.load(weights_only=True)`` only; ESPnet's own
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pqm.fsutil import BadInput, atomic_path, read_json, require, write_json
+from pqm.fsutil import BadInput, atomic_path, cli, read_json, require, setup_logging, write_json
 from pqm.nf4 import NF4Config, compact_state_dict, fingerprint, load_nf4_state_dict, quantize_model
 
 FP_MADE_BY = "stage 4 (train or load the model)"
@@ -98,7 +99,6 @@ def build_speech2text(fp_dir: Path, device: str = "cpu", **decode_opts):
 def build_model(fp_dir: Path, device: str = "cpu", load_weights: bool = True) -> torch.nn.Module:
     """The full-precision ESPnet model in ``fp_dir`` (for training and quantisation)."""
     from espnet2.tasks.asr import ASRTask
-    import argparse
 
     args = yaml.safe_load(_resolved_config(fp_dir).read_text(encoding="utf-8"))
     model = ASRTask.build_model(argparse.Namespace(**args))
@@ -146,10 +146,6 @@ def to_nf4(model: torch.nn.Module, nf4_dir: Path, device: str = "cpu") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Stage 4 (end): export an ESPnet model (trained here or ``--pretrained``) to ``<out>``."""
-    import argparse
-
-    from pqm.fsutil import setup_logging
-
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--config", type=Path, required=True, help="ESPnet config.yaml")
     p.add_argument("--checkpoint", type=Path, required=True, help="model .pth or .safetensors")
@@ -160,6 +156,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pqm.fsutil import cli
-
     cli(main)

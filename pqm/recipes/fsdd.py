@@ -11,6 +11,7 @@ Recording and one SupervisionSegment (the digit as an English word) per file.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import shutil
@@ -27,7 +28,7 @@ from lhotse import (
 )
 from lhotse.utils import Pathlike, resumable_download
 
-from pqm.fsutil import BadInput, MissingInput, check_safe_id
+from pqm.fsutil import BadInput, MissingInput, check_safe_id, cli, setup_logging
 
 FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
 FSDD_URL = (
@@ -135,10 +136,6 @@ def prepare_fsdd(
 
 def main(argv: list[str] | None = None) -> None:
     """Stage 1: print the FSDD folder to use, downloading the pinned release if needed."""
-    import argparse
-
-    from pqm.fsutil import setup_logging
-
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--fsdd-dir", type=Path, default=None, help="an existing copy (with recordings/)")
     p.add_argument("--download-dir", type=Path, default=Path("downloads"))
@@ -154,6 +151,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pqm.fsutil import cli
-
     cli(main)
