@@ -72,14 +72,9 @@ def load_adapter(
 
 
 def save_adapter(model: PeftModel, out_dir: Path, meta: dict) -> None:
-    """Save the active adapter in peft's format plus ``pqm_adapter.json``, atomically."""
+    """Save the ``default`` adapter in peft's format plus ``pqm_adapter.json``, atomically."""
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(str(tmp))
-        # peft saves a non-default adapter name in a sub-folder; keep one flat folder
-        for sub in [p for p in tmp.iterdir() if p.is_dir()]:
-            for f in sub.iterdir():
-                f.rename(tmp / f.name)
-            sub.rmdir()
+        model.save_pretrained(str(tmp), selected_adapters=["default"])
         write_json(tmp / META, meta)
 
 
