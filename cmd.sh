@@ -1,6 +1,8 @@
 # Job submission, as in Kaldi/ESPnet recipes: every per-speaker loop in run.sh
-# runs as `${cmd} JOB=1:N log.JOB.log command ... JOB ...`.
-# local: parallel processes on this machine (pqm/launch.py). A cluster backend
-# is added to pqm.launch.BACKENDS and chosen here the same way.
+# runs as `${cmd} JOB=1:N log.JOB.log command ... JOB ...` (pqm/launch.py).
+#   local: parallel processes on this machine (at most --nj at once, jobs x threads <= cores)
+#   slurm: one Slurm job array per loop; per-task resources in ${cluster_config}
+# Choose with ./run.sh --cmd-backend slurm [--cluster-config conf/slurm.yaml].
 cmd_backend=${cmd_backend:-local}
-cmd="python -m pqm.launch --backend ${cmd_backend}"
+cluster_config=${cluster_config:-conf/slurm.yaml}
+cmd="python -m pqm.launch --backend ${cmd_backend} --config ${cluster_config}"

@@ -40,7 +40,8 @@ sa_epochs=10
 sa_lr=0.001
 beam_size=4
 ctc_weight=0.5           # CTC weight in joint decoding (chosen on the valid set of training speakers)
-cmd_backend=local
+cmd_backend=local       # local or slurm (see cmd.sh)
+cluster_config=conf/slurm.yaml  # slurm backend: partition, time, memory, CPUs, GPUs per task
 # End of options
 
 cmdline="$0 $*"
@@ -55,6 +56,11 @@ need() { [ -e "$1" ] || die "missing $1: run $2 first (e.g. ./run.sh --stage ${2
 [ "${model}" = conformer ] || die "--model ${model}: only 'conformer' is available in this recipe"
 [[ "${stage}" =~ ^[1-9]$ && "${stop_stage}" =~ ^[1-9]$ ]] || die "--stage/--stop-stage must be 1..9"
 [[ "${nj}" =~ ^[1-9][0-9]*$ ]] || die "--nj ${nj}: a positive integer is needed"
+case "${cmd_backend}" in
+    local) ;;
+    slurm) python -m pqm.slurm --check "${cluster_config}" || die "--cmd-backend slurm: fix the above first" ;;
+    *) die "--cmd-backend ${cmd_backend}: use local or slurm" ;;
+esac
 [ -z "${pretrained}" ] || [ -d "${pretrained}" ] || die "--pretrained ${pretrained}: no such folder"
 mkdir -p "${expdir}/log" "${expdir}/timing" "${datadir}"
 echo "${cmdline}" >> "${expdir}/run.cmd"
@@ -169,7 +175,7 @@ stage7() {
         local init=()
         [ "${system}" = pqm ] && init=(--init "${expdir}/sat")
         log "per-speaker ${system} adapters for ${n} speakers, ${nj} jobs at a time (logs: ${expdir}/log/adapt_${system}.*.log)"
-        ${cmd} --max-jobs "${nj}" --threads "${threads}" "JOB=1:${n}" "${expdir}/log/adapt_${system}.JOB.log" \
+        ${cmd} --max-jobs "${nj}" --threads "${threads}" --task-names "${speaker_list}" "JOB=1:${n}" "${expdir}/log/adapt_${system}.JOB.log" \
             python -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" "${init[@]}" \
             --cuts "${manifests}/fsdd_cuts_adapt.jsonl.gz" --speaker-list "${speaker_list}" --job JOB \
             --epochs "${sa_epochs}" --lr "${sa_lr}" --out "${expdir}/adapters/${system}"
@@ -181,7 +187,7 @@ stage8() {
     local n
     n=$(test_speaker_list)
     log "decoding ${n} speakers with every system (logs: ${expdir}/log/decode.*.log)"
-    ${cmd} --max-jobs "${nj}" --threads "${threads}" "JOB=1:${n}" "${expdir}/log/decode.JOB.log" \
+    ${cmd} --max-jobs "${nj}" --threads "${threads}" --task-names "${speaker_list}" "JOB=1:${n}" "${expdir}/log/decode.JOB.log" \
         python -m pqm.decode "${opts_nf4[@]}" --sat-dir "${expdir}/sat" --adapter-dir "${expdir}/adapters" \
         --cuts "${manifests}/fsdd_cuts_eval.jsonl.gz" --speaker-list "${speaker_list}" --job JOB \
         --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" --out "${expdir}/decode"

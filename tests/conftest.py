@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,4 +63,38 @@ def tiny_fp_dir(tmp_path_factory) -> Path:
 def token_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokens") / "tokens.txt"
     path.write_text("\n".join(TOKENS) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Path:
+    """A real single-node Slurm (Debian's slurm-wlm and munge) on localhost; yields its config file.
+
+    Started by tools/slurm_localhost.sh, which installs the packages when it
+    runs as root. Where it cannot start, the Slurm tests fail if
+    PQM_REQUIRE_SLURM=1 (as in CI) and are skipped with the reason otherwise.
+    """
+    env = dict(os.environ, PQM_SLURM_DIR=str(tmp_path_factory.mktemp("slurm")))
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "slurm_localhost.sh"), "start"], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = f"no local Slurm cluster: {proc.stderr.strip()}"
+        if os.environ.get("PQM_REQUIRE_SLURM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    conf = Path(env["PQM_SLURM_DIR"]) / "slurm.conf"
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    yield conf
+    subprocess.run(["bash", str(ROOT / "tools" / "slurm_localhost.sh"), "stop"], env=env, capture_output=True)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def write_cluster_config(path: Path, **fields) -> Path:
+    """A cluster config for the local test cluster, with ``fields`` overriding the defaults."""
+    cfg = {"partition": "debug", "time": "00:10:00", "mem": "1G", "cpus_per_task": 1, **fields}
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path

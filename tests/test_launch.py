@@ -1,4 +1,4 @@
-"""The Kaldi-style job launcher (local backend)."""
+"""The Kaldi-style job launcher: task expansion, the local backend, failure reports."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from pqm.launch import expand, main
+from pqm.jobs import expand
+from pqm.launch import array_name, local_slots, main
 
 
 def test_expand_replaces_job_word_only():
@@ -34,12 +35,28 @@ def test_tasks_run_in_parallel_and_log(tmp_path):
 
 def test_failed_task_does_not_stop_others(tmp_path, capsys):
     script = "import sys; sys.exit(3 if sys.argv[1] == '2' else 0)"
-    code = main(["--max-jobs", "1", "JOB=1:3", str(tmp_path / "t.JOB.log"), sys.executable, "-c", script, "JOB"])
+    names = tmp_path / "speakers.txt"
+    names.write_text("alice\nbob\ncarol\n")
+    code = main(["--max-jobs", "1", "--task-names", str(names), "JOB=1:3", str(tmp_path / "t.JOB.log"),
+                 sys.executable, "-c", script, "JOB"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "task 2" in err and "t.2.log" in err
+    assert "1 of 3 tasks failed" in err and "task 2 (bob): exit code 3" in err and "t.2.log" in err
+    assert "alice" not in err and "carol" not in err
     assert "# Ended (code 0)" in (tmp_path / "t.3.log").read_text()
     assert "# Ended (code 3)" in (tmp_path / "t.2.log").read_text()
+
+
+def test_jobs_times_threads_never_exceed_cores():
+    assert local_slots(4, 0, 2) == (4, 1)
+    assert local_slots(2, 0, 8) == (2, 4)
+    assert local_slots(8, 2, 8) == (4, 2)  # 8 jobs x 2 threads would need 16 cores
+    assert local_slots(3, 4, 2) == (1, 4)  # one job at a time if a single job asks for more
+
+
+def test_array_name():
+    assert array_name("exp/log/adapt_pqm.JOB.log") == "adapt_pqm"
+    assert array_name("log/JOB.log") == "job"
 
 
 def test_unknown_backend_is_an_error(tmp_path):
