@@ -16,7 +16,6 @@ so rerunning a stage redoes only the speakers whose jobs failed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import shutil
 import time
@@ -29,7 +28,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from pqm.batches import iterate_batches
-from pqm.fsutil import atomic_path, check_safe_id, cli, read_json, require, setup_logging, write_json
+from pqm.fsutil import (
+    atomic_path, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json,
+)
 from pqm.lora import META, LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
 from pqm.model_io import build_model, to_nf4
 from pqm.nf4 import count_params
@@ -43,15 +44,11 @@ def freeze_batchnorm(model: torch.nn.Module) -> None:
             m.eval()
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet) -> dict:
     """Everything that determines an adapter: equal keys mean equal training runs."""
     nf4_meta = read_json(a.nf4_dir / "nf4.json", "stage 5 (NF4 quantisation)")
-    init = _file_digest(require(a.init / "adapter_model.safetensors", "stage 6 (SAT)")) if a.init else None
-    utts = hashlib.sha256(" ".join(sorted(c.id for c in cuts)).encode()).hexdigest()
+    init = file_digest(require(a.init / "adapter_model.safetensors", "stage 6 (SAT)")) if a.init else None
+    utts = ids_digest(c.id for c in cuts)
     return {
         "base_fingerprint": nf4_meta["fingerprint"], "init_digest": init, "speaker": speaker, "utterances": utts,
         "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size, "seed": a.seed, "lora_r": a.lora_r,

@@ -5,7 +5,10 @@ Systems, in the order they are built on one model object:
 ``nf4_sa`` (+ per-speaker LoRA trained from scratch) and ``pqm`` (+ per-speaker
 LoRA started from SAT). Decoding is ESPnet's beam search (``Speech2Text``).
 Hypotheses go to ``<out>/<system>/<speaker>/text`` (Kaldi ``text`` format),
-and ``<out>/<system>/<speaker>/info.json`` records any fallback.
+and ``<out>/<system>/<speaker>/info.json`` records any fallback and the
+``run_key`` of the inputs: a system already decoded from the same models,
+utterances and settings is not decoded again, so rerunning the stage redoes
+only the speakers (and systems) whose jobs failed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import torch
 from lhotse import CutSet
 from tqdm import tqdm
 
-from pqm.fsutil import BadInput, check_safe_id, cli, require, setup_logging, write_json, write_text
+from pqm.fsutil import (
+    BadInput, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json, write_text,
+)
 from pqm.lora import load_adapter
 from pqm.model_io import build_speech2text, to_nf4
 
@@ -51,6 +56,30 @@ def write_hyps(out: Path, hyps: dict[str, str], info: dict) -> None:
     """Write a Kaldi ``text`` file of hypotheses and an ``info.json`` beside it."""
     write_text(out / "text", "".join(f"{utt} {hyp}".rstrip() + "\n" for utt, hyp in sorted(hyps.items())))
     write_json(out / "info.json", info)
+
+
+def _adapter_digest(adapter: Path) -> str | None:
+    if (adapter / "fallback.json").exists():
+        return "fallback"
+    weights = adapter / "adapter_model.safetensors"
+    return file_digest(weights) if weights.exists() else None
+
+
+def run_key(a: argparse.Namespace, tag: str, cuts: CutSet) -> dict:
+    """Everything that determines the hypotheses of one speaker job."""
+    return {
+        "fp": file_digest(require(a.fp_dir / "model.safetensors", "stage 4")),
+        "nf4": read_json(a.nf4_dir / "nf4.json", "stage 5")["fingerprint"],
+        "sat": _adapter_digest(a.sat_dir),
+        **{system: _adapter_digest(a.adapter_dir / system / tag) for system in ("nf4_sa", "pqm")},
+        "utterances": ids_digest(c.id for c in cuts),
+        "beam_size": a.beam_size, "ctc_weight": a.ctc_weight,
+    }
+
+
+def already_decoded(out: Path, key: dict) -> bool:
+    info = out / "info.json"
+    return (out / "text").exists() and info.exists() and read_json(info).get("run_key") == key
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,11 +114,16 @@ def main(argv: list[str] | None = None) -> None:
         cuts = cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_eager()
     if len(cuts) == 0:
         raise BadInput(f"no utterances of speaker {speaker!r} in {a.cuts}")
-    s2t = build_speech2text(a.fp_dir, device=a.device, beam_size=a.beam_size, ctc_weight=a.ctc_weight, nbest=1)
+    key = run_key(a, tag, cuts)
     wanted = [s for s in SYSTEMS if s in a.systems]
+    todo = [s for s in wanted if not already_decoded(a.out / s / tag, key)]
+    if not todo:
+        logging.info(f"{tag}: {', '.join(wanted)} already decoded from these models and settings: nothing to do")
+        return
+    s2t = build_speech2text(a.fp_dir, device=a.device, beam_size=a.beam_size, ctc_weight=a.ctc_weight, nbest=1)
     peft_model, base_fp = None, None
-    for system in SYSTEMS[: SYSTEMS.index(wanted[-1]) + 1]:
-        info: dict = {"system": system, "speaker": speaker}
+    for system in SYSTEMS[: SYSTEMS.index(todo[-1]) + 1]:
+        info: dict = {"system": system, "speaker": speaker, "run_key": key}
         use = contextlib.nullcontext()
         if system == "nf4":
             base_fp = to_nf4(s2t.asr_model, a.nf4_dir, device=a.device)
@@ -110,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                 require(adapter / "adapter_model.safetensors", f"stage 7 (its job for speaker {tag} failed or did not run)")
                 load_adapter(peft_model, adapter, base_fp, name=system)
                 peft_model.set_adapter(system)
-        if system not in wanted:
+        if system not in todo:
             continue
         start = time.time()
         with use:

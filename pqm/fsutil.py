@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -81,6 +82,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike, made_by: str = "") -> Any:
     """Read JSON, with an error that names the file and the stage that makes it."""
     return json.loads(require(path, made_by).read_text(encoding="utf-8"))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def ids_digest(ids) -> str:
+    """SHA-256 of a set of ids (utterances, speakers), independent of their order."""
+    return hashlib.sha256(" ".join(sorted(ids)).encode()).hexdigest()
 
 
 def require(path: str | os.PathLike, made_by: str = "") -> Path:

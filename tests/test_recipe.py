@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from lhotse import CutSet
 
-from conftest import ROOT, make_fsdd_subset
+from conftest import ROOT, make_fsdd_subset, write_cluster_config
 
 TINY = [
     "--train-speakers", "jackson theo", "--test-speakers", "george nicolas",
@@ -81,6 +82,36 @@ def test_speaker_without_adaptation_data_falls_back(recipe):
     sat = (exp / "decode" / "nf4_sat" / "george" / "text").read_text()
     assert (exp / "decode" / "pqm" / "george" / "text").read_text() == sat
     assert "fallback: nf4_sat" in (exp / "RESULTS.md").read_text()
+
+
+def test_slurm_backend_gives_the_local_results(recipe, slurm_cluster, tmp_path):
+    """Stages 7 and 8 as Slurm job arrays, one task per speaker, give the local backend's hypotheses;
+    a rerun of stage 8 then redoes only the speaker whose output is missing."""
+    exp = recipe["exp"]
+    sexp = tmp_path / "exp"
+    shutil.copytree(exp, sexp, ignore=shutil.ignore_patterns("adapters", "decode*", "log", "results.json", "RESULTS.md"))
+    for n in (7, 8, 9):
+        (sexp / ".done" / f"stage{n}").unlink(missing_ok=True)
+    opts = [*recipe["opts"], "--expdir", str(sexp), "--stage", "7", "--stop-stage", "9"]
+    config = write_cluster_config(tmp_path / "slurm.yaml")
+    proc = run_sh(*opts, "--cmd-backend", "slurm", "--cluster-config", str(config))
+    assert proc.stdout.count("as Slurm job array") == 3  # adapt pqm, adapt nf4_sa, decode
+    for speaker in ("george", "nicolas"):
+        for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
+            local = (exp / "decode" / system / speaker / "text").read_text()
+            assert (sexp / "decode" / system / speaker / "text").read_text() == local, (system, speaker)
+    wer = lambda e: {s: {k: v["wer"] for k, v in r["per_speaker"].items()}  # noqa: E731
+                     for s, r in json.loads((e / "results.json").read_text())["systems"].items()}
+    assert wer(sexp) == wer(exp)
+    assert "# Ended (code 0)" in (sexp / "log" / "decode.2.log").read_text()
+
+    (sexp / "decode" / "pqm" / "nicolas" / "text").unlink()
+    (sexp / ".done" / "stage8").unlink()
+    run_sh(*opts[:-4], "--stage", "8", "--stop-stage", "8")
+    george = (sexp / "log" / "decode.1.log").read_text()
+    nicolas = (sexp / "log" / "decode.2.log").read_text()
+    assert "already decoded" in george and "pqm/nicolas: decoded" in nicolas and "nf4/nicolas: decoded" not in nicolas
+    assert (sexp / "decode" / "pqm" / "nicolas" / "text").read_text() == (exp / "decode" / "pqm" / "nicolas" / "text").read_text()
 
 
 def test_fp_model_really_learned_and_nf4_differs(recipe):
