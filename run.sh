@@ -140,7 +140,7 @@ stage4() {
     fi
     need "${expdir}/asr_stats/train/feats_stats.npz" "stage 3"
     # ESPnet's trainer resumes from ${expdir}/asr/checkpoint.pth after an interruption.
-    python -m espnet2.bin.asr_train "${espnet_data_opts[@]}" \
+    python -m pqm.train_conformer "${espnet_data_opts[@]}" \
         --train_shape_file "${expdir}/asr_stats/train/speech_shape" \
         --valid_shape_file "${expdir}/asr_stats/valid/speech_shape" \
         --normalize global_mvn --normalize_conf "stats_file=${expdir}/asr_stats/train/feats_stats.npz" \

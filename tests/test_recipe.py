@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from lhotse import CutSet
+from safetensors.torch import load_file
 
 from conftest import ROOT, make_fsdd_subset, write_cluster_config
 
@@ -183,6 +185,40 @@ def test_killed_stage_is_redone_cleanly(recipe):
     meta = json.loads((exp / "sat" / "pqm_adapter.json").read_text())
     assert meta["lr"] == 0.002 and meta["epochs"] == 30 and meta["base_fingerprint"]
     assert not [p for p in exp.iterdir() if p.name.startswith(".sat.")]  # no temporary left
+
+
+def test_killed_training_resumes_to_the_same_model(recipe, tmp_path):
+    """Stage 4 (ESPnet's trainer) killed with SIGKILL resumes from its last checkpoint to the same model.
+
+    Both runs continue the fixture's 15-epoch training to 20 epochs; one is
+    killed after its 17th epoch and rerun.
+    """
+    def copy(name: str) -> Path:
+        exp = tmp_path / name
+        shutil.copytree(recipe["exp"], exp, ignore=shutil.ignore_patterns(
+            "adapters", "decode*", "sat", "nf4", "fp", "log", ".sat.*", "results.json", "RESULTS.md"))
+        for n in range(4, 10):
+            (exp / ".done" / f"stage{n}").unlink(missing_ok=True)
+        return exp
+
+    opts = [*recipe["opts"], "--max-epoch", "20", "--stage", "4", "--stop-stage", "4"]
+    straight, killed = copy("straight"), copy("killed")
+    run_sh(*opts, "--expdir", str(straight))
+    log = killed / "log" / "stage4.log"
+    proc = subprocess.Popen(["./run.sh", *opts, "--expdir", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and "17epoch results" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert "17epoch results" in log.read_text() and "20epoch results" not in log.read_text()
+    assert not (killed / ".done" / "stage4").exists()
+    run_sh(*opts, "--expdir", str(killed))
+    assert "The training was resumed using" in log.read_text()
+    a = load_file(str(straight / "fp" / "model.safetensors"))
+    b = load_file(str(killed / "fp" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_options_and_missing_inputs(tmp_path):
