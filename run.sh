@@ -17,6 +17,8 @@ model=conformer         # model family: conformer
 pretrained=""           # ESPnet model folder (config.yaml + model .pth/.safetensors) to load instead of training
 seed=0                  # random seed for data, training and adaptation
 device=cpu              # cpu or cuda
+ngpu=1                  # with --device cuda: GPUs for training (stage 4: ESPnet's multi-GPU; stage 6: torchrun)
+sat_nproc=0             # stage 6 processes under torchrun with DDP (0: ngpu on cuda, 1 on cpu; >1 on cpu uses gloo)
 fsdd_dir=../shared/corpora/fsdd   # local FSDD copy; downloaded into download_dir when absent
 download_dir=downloads
 train_speakers="jackson theo yweweler lucas"
@@ -55,7 +57,10 @@ need() { [ -e "$1" ] || die "missing $1: run $2 first (e.g. ./run.sh --stage ${2
 
 [ "${model}" = conformer ] || die "--model ${model}: only 'conformer' is available in this recipe"
 [[ "${stage}" =~ ^[1-9]$ && "${stop_stage}" =~ ^[1-9]$ ]] || die "--stage/--stop-stage must be 1..9"
-[[ "${nj}" =~ ^[1-9][0-9]*$ ]] || die "--nj ${nj}: a positive integer is needed"
+for opt in nj ngpu; do
+    [[ "${!opt}" =~ ^[1-9][0-9]*$ ]] || die "--${opt} ${!opt}: a positive integer is needed"
+done
+[[ "${sat_nproc}" =~ ^[0-9]+$ ]] || die "--sat-nproc ${sat_nproc}: a number >= 0 is needed"
 case "${cmd_backend}" in
     local) ;;
     slurm) python -m pqm.slurm --check "${cluster_config}" || die "--cmd-backend slurm: fix the above first" ;;
@@ -116,7 +121,16 @@ espnet_data_opts=(--use_preprocessor true --token_type word --token_list "${data
     --train_data_path_and_name_and_type "${datadir}/train/text,text,text"
     --valid_data_path_and_name_and_type "${datadir}/valid/wav.scp,speech,sound"
     --valid_data_path_and_name_and_type "${datadir}/valid/text,text,text"
-    --config "${train_config}" --frontend_conf fs=16k --ngpu "$([ "${device}" = cuda ] && echo 1 || echo 0)")
+    --config "${train_config}" --frontend_conf fs=16k)
+if [ "${device}" = cuda ]; then
+    espnet_data_opts+=(--ngpu "${ngpu}")
+    [ "${ngpu}" -gt 1 ] && espnet_data_opts+=(--multiprocessing_distributed true)
+else
+    espnet_data_opts+=(--ngpu 0)
+fi
+[ "${sat_nproc}" -gt 0 ] || sat_nproc=$([ "${device}" = cuda ] && echo "${ngpu}" || echo 1)
+sat_launcher=(python)
+[ "${sat_nproc}" -gt 1 ] && sat_launcher=(python -m torch.distributed.run --standalone --nproc-per-node "${sat_nproc}")
 
 stage3() {
     need "${manifests}/fsdd_cuts_train.jsonl.gz" "stage 2"
@@ -124,7 +138,7 @@ stage3() {
     rm -rf "${expdir}/asr_stats"
     python -m espnet2.bin.asr_train --collect_stats true "${espnet_data_opts[@]}" \
         --train_shape_file "${datadir}/train/wav.scp" --valid_shape_file "${datadir}/valid/wav.scp" \
-        --output_dir "${expdir}/asr_stats"
+        --ngpu 0 --multiprocessing_distributed false --output_dir "${expdir}/asr_stats"
 }
 
 stage4() {
@@ -157,7 +171,7 @@ stage5() {
 
 stage6() {
     need "${expdir}/nf4/model.safetensors" "stage 5"
-    python -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" --cuts "${manifests}/fsdd_cuts_train.jsonl.gz" \
+    "${sat_launcher[@]}" -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" --cuts "${manifests}/fsdd_cuts_train.jsonl.gz" \
         --max-utts "${sat_utts}" --epochs "${sat_epochs}" --lr "${sat_lr}" --out "${expdir}/sat"
 }
 

@@ -11,17 +11,25 @@ Training state is checkpointed after every epoch (``.<out>.checkpoint``), so a
 killed job resumes where it stopped; an adapter already trained with the same
 inputs and settings (``run_key`` in ``pqm_adapter.json``) is not trained again,
 so rerunning a stage redoes only the speakers whose jobs failed.
+
+Started by ``torchrun`` (``WORLD_SIZE`` > 1), training is data-parallel with
+PyTorch's DistributedDataParallel over the LoRA parameters only (NCCL on GPUs,
+gloo on CPUs); rank 0 writes checkpoints and the adapter.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from lhotse import CutSet
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -44,7 +52,43 @@ def freeze_batchnorm(model: torch.nn.Module) -> None:
             m.eval()
 
 
-def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet) -> dict:
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[Ranks, str]:
+    """Join torchrun's process group if started by torchrun; return the ranks and this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Ranks(), device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device, backend = f"cuda:{local_rank}", "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend)
+    logging.info(f"rank {dist.get_rank()} of {world_size} ({backend}) on {device}")
+    return Ranks(dist.get_rank(), world_size), device
+
+
+def data_parallel(model: torch.nn.Module, device: str) -> DistributedDataParallel:
+    """Wrap ``model`` in DDP that synchronises only the trainable (LoRA) parameters."""
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size: int = 1) -> dict:
     """Everything that determines an adapter: equal keys mean equal training runs."""
     nf4_meta = read_json(a.nf4_dir / "nf4.json", "stage 5 (NF4 quantisation)")
     init = file_digest(require(a.init / "adapter_model.safetensors", "stage 6 (SAT)")) if a.init else None
@@ -53,6 +97,7 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet) -> dict:
         "base_fingerprint": nf4_meta["fingerprint"], "init_digest": init, "speaker": speaker, "utterances": utts,
         "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size, "seed": a.seed, "lora_r": a.lora_r,
         "lora_alpha": a.lora_alpha, "lora_dropout": a.lora_dropout, "lora_targets": a.lora_targets,
+        "world_size": world_size,
     }
 
 
@@ -91,31 +136,39 @@ class Checkpoint:
 
 def train_adapter(
     model, cuts: CutSet, tokenizer: WordTokenizer, epochs: int, lr: float, batch_size: int, seed: int,
-    device: str = "cpu", checkpoint: Checkpoint | None = None,
+    device: str = "cpu", checkpoint: Checkpoint | None = None, ranks: Ranks = Ranks(),
 ) -> list[float]:
     """Train the trainable (LoRA) parameters of ``model``; return the mean loss per epoch.
 
     With ``checkpoint``, the state is saved after every epoch and a matching
-    saved state is resumed from.
+    saved state is resumed from. With ``ranks.world_size`` > 1 (torchrun),
+    each rank trains on its share of the batches and DDP averages the gradients.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     done, losses = checkpoint.load(model, optim) if checkpoint else (0, [])
+    net = data_parallel(model, device) if ranks.world_size > 1 else model
     for epoch in range(done, epochs):
         model.train()
         freeze_batchnorm(model)
-        total, count = 0.0, 0
-        batches = iterate_batches(cuts, tokenizer, batch_size, epoch=epoch, seed=seed)
-        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", mininterval=5):
-            loss = model(**{k: v.to(device) for k, v in batch.items()})[0]
+        sums = torch.zeros(2, dtype=torch.float64)  # loss total, batches
+        batches = iterate_batches(cuts, tokenizer, batch_size, epoch=epoch, seed=seed,
+                                  rank=ranks.rank, world_size=ranks.world_size)
+        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", mininterval=5,
+                          disable=not ranks.main):
+            loss = net(**{k: v.to(device) for k, v in batch.items()})[0]
             optim.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             optim.step()
-            total, count = total + loss.item(), count + 1
+            sums += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        if ranks.world_size > 1:
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+        total, count = sums.tolist()
         losses.append(total / max(count, 1))
-        logging.info(f"epoch {epoch + 1}: mean loss {losses[-1]:.3f} over {count} batches")
-        if checkpoint:
+        logging.info(f"epoch {epoch + 1}: mean loss {losses[-1]:.3f} over {count:.0f} batches")
+        if checkpoint and ranks.main:
             checkpoint.save(model, optim, epoch + 1, losses)
     model.eval()
     return losses
@@ -144,13 +197,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
+    if a.speaker_list is not None and a.job is None:
+        p.error("--speaker-list needs --job")
     setup_logging()
+    ranks, a.device = init_distributed(a.device)
+    try:
+        train_job(a, ranks)
+    finally:
+        if ranks.world_size > 1:
+            dist.destroy_process_group()
+
+
+def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
+    """Train (or skip, or mark as fallback) the adapter that ``a`` describes."""
     torch.manual_seed(a.seed)
     speaker = a.speaker
     out = a.out
     if a.speaker_list is not None:
-        if a.job is None:
-            p.error("--speaker-list needs --job")
         speakers = require(a.speaker_list).read_text(encoding="utf-8").split()
         speaker = speakers[a.job - 1]
         out = out / check_safe_id(speaker)
@@ -162,13 +225,15 @@ def main(argv: list[str] | None = None) -> None:
         cuts = cuts.subset(first=min(a.max_utts, len(cuts)))
     if len(cuts) == 0:
         logging.warning(f"speaker {speaker}: no adaptation data in {a.cuts}; falling back (see {out}/fallback.json)")
-        write_json(out / "fallback.json", {"speaker": speaker, "reason": f"no adaptation utterances in {a.cuts}"})
+        if ranks.main:
+            write_json(out / "fallback.json", {"speaker": speaker, "reason": f"no adaptation utterances in {a.cuts}"})
         return
-    key = run_key(a, speaker, cuts)
+    key = run_key(a, speaker, cuts, ranks.world_size)
     if (out / META).exists() and read_json(out / META).get("run_key") == key:
         logging.info(f"{out} was already trained with these inputs and settings: nothing to do")
         return
-    (out / "fallback.json").unlink(missing_ok=True)
+    if ranks.main:
+        (out / "fallback.json").unlink(missing_ok=True)
     tokenizer = WordTokenizer(read_token_list(require(a.token_list, "stage 3 (token list)")))
     start = time.time()
     model = build_model(a.fp_dir, device=a.device)
@@ -181,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     n_lora = trainable_params(model)
     logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on {len(cuts)} utterances")
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
-    losses = train_adapter(model, cuts, tokenizer, a.epochs, a.lr, a.batch_size, a.seed, a.device, checkpoint)
+    losses = train_adapter(model, cuts, tokenizer, a.epochs, a.lr, a.batch_size, a.seed, a.device, checkpoint, ranks)
+    if not ranks.main:
+        return
     save_adapter(
         model,
         out,
@@ -197,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
             "lora_params": n_lora,
             "base_params": base_params,
             "seconds": round(time.time() - start, 1),
+            "world_size": ranks.world_size,
             "run_key": key,
         },
     )

@@ -14,10 +14,15 @@ from pqm.tokens import WordTokenizer
 
 
 def iterate_batches(
-    cuts: CutSet, tokenizer: WordTokenizer, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True
+    cuts: CutSet, tokenizer: WordTokenizer, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
+    rank: int = 0, world_size: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield ``speech, speech_lengths, text, text_lengths`` batches (text padded with -1)."""
-    sampler = SimpleCutSampler(cuts, max_cuts=batch_size, shuffle=shuffle, seed=seed)
+    """Yield ``speech, speech_lengths, text, text_lengths`` batches (text padded with -1).
+
+    With ``world_size`` > 1, lhotse's sampler gives this ``rank`` its share of
+    the batches, the same number on every rank.
+    """
+    sampler = SimpleCutSampler(cuts, max_cuts=batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
     sampler.set_epoch(epoch)
     for batch in sampler:
         speech, speech_lengths = collate_audio(batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -71,3 +72,21 @@ def test_finished_adapter_is_not_retrained(setup, tmp_path):
     changed = subprocess.run(_cmd(setup, tmp_path / "a", epochs=2), cwd=ROOT, env=ENV, check=True,
                              capture_output=True, text=True)
     assert "nothing to do" not in changed.stderr  # other settings: trained again
+
+
+def test_distributed_sat_on_two_gloo_processes(setup, tmp_path):
+    """torchrun with two CPU processes (gloo): DDP over the LoRA parameters trains the same adapter shape
+    as one process, and the loss goes down."""
+    subprocess.run(_cmd(setup, tmp_path / "one", epochs=1), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = _cmd(setup, tmp_path / "ddp", epochs=4)
+    proc = subprocess.run([*torchrun, *cmd[1:]], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1 of 2 (gloo)" in proc.stderr
+    one = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    ddp = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in ddp.items()}
+    meta = json.loads((tmp_path / "ddp" / "pqm_adapter.json").read_text())
+    assert meta["world_size"] == 2
+    losses = meta["loss_per_epoch"]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses

@@ -161,9 +161,10 @@ def test_rerun_skips_done_stages(recipe):
 
 
 def test_killed_stage_is_redone_cleanly(recipe):
-    """SIGKILL during SAT with a new learning rate: the old adapter stays whole, the rerun finishes."""
+    """SIGKILL during SAT (two torchrun processes) with a new learning rate: the old adapter stays whole,
+    the rerun finishes."""
     exp = recipe["exp"]
-    opts = [*recipe["opts"], "--sat-lr", "0.002", "--sat-epochs", "30", "--stage", "6", "--stop-stage", "6"]
+    opts = [*recipe["opts"], "--sat-lr", "0.002", "--sat-epochs", "30", "--sat-nproc", "2", "--stage", "6", "--stop-stage", "6"]
     (exp / ".done" / "stage6").unlink()
     adapter = exp / "sat" / "adapter_model.safetensors"
     before = adapter.read_bytes()
@@ -183,7 +184,7 @@ def test_killed_stage_is_redone_cleanly(recipe):
     run_sh(*opts)
     assert (exp / ".done" / "stage6").exists()
     meta = json.loads((exp / "sat" / "pqm_adapter.json").read_text())
-    assert meta["lr"] == 0.002 and meta["epochs"] == 30 and meta["base_fingerprint"]
+    assert meta["lr"] == 0.002 and meta["epochs"] == 30 and meta["base_fingerprint"] and meta["world_size"] == 2
     assert not [p for p in exp.iterdir() if p.name.startswith(".sat.")]  # no temporary left
 
 
