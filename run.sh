@@ -183,17 +183,18 @@ test_speaker_list() {
 
 stage7() {
     need "${expdir}/sat/adapter_model.safetensors" "stage 6"
-    local n
+    local n failed=""
     n=$(test_speaker_list)
-    for system in pqm nf4_sa; do
+    for system in pqm nf4_sa; do  # a failed speaker stops neither the other speakers nor the other system
         local init=()
         [ "${system}" = pqm ] && init=(--init "${expdir}/sat")
-        log "per-speaker ${system} adapters for ${n} speakers, ${nj} jobs at a time (logs: ${expdir}/log/adapt_${system}.*.log)"
+        log "per-speaker ${system} adapters for ${n} speakers (logs: ${expdir}/log/adapt_${system}.*.log)"
         ${cmd} --max-jobs "${nj}" --threads "${threads}" --task-names "${speaker_list}" "JOB=1:${n}" "${expdir}/log/adapt_${system}.JOB.log" \
             python -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" "${init[@]}" \
             --cuts "${manifests}/fsdd_cuts_adapt.jsonl.gz" --speaker-list "${speaker_list}" --job JOB \
-            --epochs "${sa_epochs}" --lr "${sa_lr}" --out "${expdir}/adapters/${system}"
+            --epochs "${sa_epochs}" --lr "${sa_lr}" --out "${expdir}/adapters/${system}" || failed="${failed} ${system}"
     done
+    [ -z "${failed}" ] || die "adaptation failed for some speakers of:${failed} (listed above); rerun stage 7 to redo only those"
 }
 
 stage8() {

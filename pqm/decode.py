@@ -24,7 +24,7 @@ from lhotse import CutSet
 from tqdm import tqdm
 
 from pqm.fsutil import (
-    BadInput, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json, write_text,
+    BadInput, MissingInput, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json, write_text,
 )
 from pqm.lora import load_adapter
 from pqm.model_io import build_speech2text, to_nf4
@@ -52,9 +52,16 @@ def decode_cuts(s2t, cuts: CutSet, desc: str) -> dict[str, str]:
     return hyps
 
 
-def write_hyps(out: Path, hyps: dict[str, str], info: dict) -> None:
-    """Write a Kaldi ``text`` file of hypotheses and an ``info.json`` beside it."""
-    write_text(out / "text", "".join(f"{utt} {hyp}".rstrip() + "\n" for utt, hyp in sorted(hyps.items())))
+def write_hyps(out: Path, hyps: dict[str, str] | None, info: dict) -> None:
+    """Write a Kaldi ``text`` file of hypotheses and an ``info.json`` beside it.
+
+    ``hyps=None`` records a system that could not be decoded (``info["missing"]``
+    says why) and removes any older hypotheses.
+    """
+    if hyps is None:
+        (out / "text").unlink(missing_ok=True)
+    else:
+        write_text(out / "text", "".join(f"{utt} {hyp}".rstrip() + "\n" for utt, hyp in sorted(hyps.items())))
     write_json(out / "info.json", info)
 
 
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.info(f"{tag}: {', '.join(wanted)} already decoded from these models and settings: nothing to do")
         return
     s2t = build_speech2text(a.fp_dir, device=a.device, beam_size=a.beam_size, ctc_weight=a.ctc_weight, nbest=1)
-    peft_model, base_fp = None, None
+    peft_model, base_fp, missing = None, None, []
     for system in SYSTEMS[: SYSTEMS.index(todo[-1]) + 1]:
         info: dict = {"system": system, "speaker": speaker, "run_key": key}
         use = contextlib.nullcontext()
@@ -140,8 +147,14 @@ def main(argv: list[str] | None = None) -> None:
                     peft_model.set_adapter("sat")
                 else:
                     use = peft_model.disable_adapter()
+            elif not (adapter / "adapter_model.safetensors").exists():  # its stage-7 job failed
+                if system in todo:
+                    missing.append(system)
+                    logging.error(f"{system}/{tag}: no adapter in {adapter}: stage 7 failed or did not run for {tag}; "
+                                  "marked as missing, not decoded with another system")
+                    write_hyps(a.out / system / tag, None, {**info, "missing": f"no adapter in {adapter} (stage 7)"})
+                continue
             else:
-                require(adapter / "adapter_model.safetensors", f"stage 7 (its job for speaker {tag} failed or did not run)")
                 load_adapter(peft_model, adapter, base_fp, name=system)
                 peft_model.set_adapter(system)
         if system not in todo:
@@ -153,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
         info["utterances"] = len(hyps)
         write_hyps(a.out / system / tag, hyps, info)
         logging.info(f"{system}/{tag}: decoded {len(hyps)} utterances in {info['seconds']} s")
+    if missing:
+        raise MissingInput(f"speaker {tag}: no {' or '.join(missing)} adapter (rerun stage 7 for it, then stage 8; "
+                           "or score as is with --stage 9: the speaker is marked as missing for these systems)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ folder, and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -38,28 +37,42 @@ def count_errors(refs: list[str], hyps: list[str]) -> dict:
 
 
 def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str]) -> dict:
-    """Score each system's hypotheses against ``refs``; per speaker and overall."""
+    """Score each system's hypotheses against ``refs``; per speaker and overall.
+
+    A speaker that a system could not decode (its adapter is missing) is listed
+    under ``missing`` and left out of that system's overall WER, never filled in
+    from another system.
+    """
     systems = {}
     for system in SYSTEMS:
-        per_speaker, all_refs, all_hyps, fallbacks = {}, [], [], {}
+        per_speaker, all_refs, all_hyps, fallbacks, missing = {}, [], [], {}, {}
         for spk in sorted(set(speakers.values())):
-            spk_dir = require(decode_dir / system / spk / "text", "stage 8 (decoding)").parent
+            spk_dir = decode_dir / system / spk
+            info_file = spk_dir / "info.json"
+            if info_file.exists() and "missing" in (info := read_json(info_file)):
+                per_speaker[spk] = {"missing": info["missing"]}
+                missing[spk] = info["missing"]
+                continue
+            require(spk_dir / "text", "stage 8 (decoding)")
             hyps = read_text_file(spk_dir / "text")
             utts = sorted(u for u, s in speakers.items() if s == spk)
-            missing = [u for u in utts if u not in hyps]
-            if missing:
-                raise BadInput(f"{spk_dir}/text lacks {len(missing)} utterances (e.g. {missing[0]}): rerun stage 8")
+            lacking = [u for u in utts if u not in hyps]
+            if lacking:
+                raise BadInput(f"{spk_dir}/text lacks {len(lacking)} utterances (e.g. {lacking[0]}): rerun stage 8")
             r, h = [refs[u] for u in utts], [hyps[u] for u in utts]
             per_speaker[spk] = count_errors(r, h)
-            info = json.loads((spk_dir / "info.json").read_text(encoding="utf-8"))
+            info = read_json(info_file, "stage 8 (decoding)")
             if info.get("fallback"):
                 per_speaker[spk]["fallback"] = info["fallback"]
                 fallbacks[spk] = info["fallback"]
             all_refs += r
             all_hyps += h
-        systems[system] = {**count_errors(all_refs, all_hyps), "per_speaker": per_speaker}
+        overall = count_errors(all_refs, all_hyps) if all_refs else {"wer": None, "errors": 0, "words": 0}
+        systems[system] = {**overall, "per_speaker": per_speaker}
         if fallbacks:
             systems[system]["fallbacks"] = fallbacks
+        if missing:  # scored on the other speakers only, and said so
+            systems[system]["missing"] = missing
     return systems
 
 
@@ -84,16 +97,26 @@ def markdown(results: dict) -> str:
         "|---|---:|---:|---:|---:|---:|" + "---:|" * len(speakers),
     ]
     for name, r in systems.items():
+        if r["wer"] is None:  # every speaker missing
+            lines.append(f"| {name} | n/a | 0 | 0 | | | " + " | ".join("missing (no adapter)" for _ in speakers) + " |")
+            continue
         rel_fp = 100 * (r["wer"] - fp_wer) / fp_wer if fp_wer else 0.0
         rel_nf4 = 100 * (r["wer"] - nf4_wer) / nf4_wer if nf4_wer else 0.0
         cells = []
         for s in speakers:
             ps = r["per_speaker"][s]
+            if "missing" in ps:
+                cells.append("missing (no adapter)")
+                continue
             cells.append(f"{ps['wer']:.2f}" + (f" (fallback: {ps['fallback']})" if "fallback" in ps else ""))
         lines.append(
             f"| {name} | {r['wer']:.2f} | {r['errors']} | {r['words']} | {rel_fp:+.1f} | {rel_nf4:+.1f} | "
             + " | ".join(cells) + " |"
         )
+    incomplete = {n: r["missing"] for n, r in systems.items() if r.get("missing")}
+    for name, missing in incomplete.items():
+        lines.append(f"\n**{name}** is scored without speaker(s) {', '.join(sorted(missing))}: no adapter "
+                     "(their stage-7 jobs failed); its WER covers the other speakers only.")
     if results.get("stage_seconds"):
         lines += ["", "| stage | " + " | ".join(results["stage_seconds"]) + " |",
                   "|---|" + "---:|" * len(results["stage_seconds"]),
@@ -114,7 +137,8 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 * len(speakers) + 3, 4))
     for i, name in enumerate(systems):
         r = results["systems"][name]
-        values = [r["per_speaker"][s]["wer"] for s in results["test_speakers"]] + [r["wer"]]
+        values = [r["per_speaker"][s].get("wer", float("nan")) for s in results["test_speakers"]]
+        values.append(float("nan") if r["wer"] is None else r["wer"])
         xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(speakers))]
         ax.bar(xs, values, width, label=name)
     ax.set_xticks(range(len(speakers)), speakers)

@@ -140,7 +140,8 @@ def test_fp_model_really_learned_and_nf4_differs(recipe):
 
 
 def test_missing_speaker_adapter_is_refused(recipe):
-    """A speaker whose stage-7 job failed is never decoded with another system's model."""
+    """A speaker whose stage-7 job failed is never decoded with another system's model: the job fails
+    and marks the speaker as missing for that system (scoring then lists it; see test_score)."""
     exp, data = recipe["exp"], recipe["data"]
     (exp / "adapters" / "pqm" / "nicolas").rename(exp / "nicolas.saved")
     try:
@@ -152,7 +153,9 @@ def test_missing_speaker_adapter_is_refused(recipe):
     finally:
         (exp / "nicolas.saved").rename(exp / "adapters" / "pqm" / "nicolas")
     assert proc.returncode == 2 and "stage 7" in proc.stderr and "nicolas" in proc.stderr
-    assert not (exp / "decode_missing" / "pqm").exists()
+    out = exp / "decode_missing" / "pqm" / "nicolas"
+    assert not (out / "text").exists()  # no hypotheses from any other system
+    assert "stage 7" in json.loads((out / "info.json").read_text())["missing"]
 
 
 def test_rerun_skips_done_stages(recipe):

@@ -51,3 +51,28 @@ def test_decode_names_missing_cuts(tmp_path):
            "--cuts", str(tmp_path / "none.jsonl.gz"), "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "none.jsonl.gz" in proc.stderr and "stage 2" in proc.stderr
+
+
+def test_speaker_without_adapter_is_marked_not_filled_in(tmp_path):
+    """pqm has no adapter for b: b is listed as missing, pqm's WER covers a only, nothing is copied."""
+    refs = {"a-1": "one two", "b-1": "four four"}
+    speakers = {"a-1": "a", "b-1": "b"}
+    for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
+        write_hyps(tmp_path / system / "a", {"a-1": "one two"}, {"system": system})
+        if system == "pqm":
+            write_hyps(tmp_path / system / "b", None, {"system": system, "missing": "no adapter (stage 7)"})
+        else:
+            write_hyps(tmp_path / system / "b", {"b-1": "four"}, {"system": system})
+    systems = score(tmp_path, refs, speakers)
+    assert systems["pqm"]["per_speaker"]["b"] == {"missing": "no adapter (stage 7)"}
+    assert systems["pqm"]["missing"] == {"b": "no adapter (stage 7)"}
+    assert systems["pqm"]["words"] == 2 and systems["pqm"]["wer"] == 0.0
+    assert systems["fp"]["words"] == 4 and "missing" not in systems["fp"]
+    results = {"corpus": "c", "model": "m", "test_speakers": ["a", "b"], "systems": systems,
+               "size_bytes": {"fp32": 800, "nf4": 100}, "params": {"base": 1000, "lora_per_speaker": 9}}
+    table = markdown(results)
+    assert "missing (no adapter)" in table and "**pqm** is scored without speaker(s) b" in table
+    from pqm.score import plot
+
+    plot(results, tmp_path / "wer.png")
+    assert (tmp_path / "wer.png").read_bytes()[:4] == b"\x89PNG"
