@@ -116,6 +116,31 @@ def test_slurm_backend_gives_the_local_results(recipe, slurm_cluster, tmp_path):
     assert (sexp / "decode" / "pqm" / "nicolas" / "text").read_text() == (exp / "decode" / "pqm" / "nicolas" / "text").read_text()
 
 
+def test_failed_speaker_is_reported_and_rerun_alone(recipe, tmp_path):
+    """nicolas's pqm job fails (a file blocks its output folder): the others finish, stage 7 fails naming
+    nicolas and his log; once fixed, a rerun trains only nicolas's pqm adapter."""
+    exp = tmp_path / "exp"
+    shutil.copytree(recipe["exp"], exp, ignore=shutil.ignore_patterns("decode*", "log", "results.json", "RESULTS.md"))
+    shutil.rmtree(exp / "adapters" / "pqm" / "nicolas")
+    (exp / "adapters" / "pqm" / "nicolas").write_text("in the way")
+    for n in (7, 8, 9):
+        (exp / ".done" / f"stage{n}").unlink(missing_ok=True)
+    opts = [*recipe["opts"], "--expdir", str(exp), "--stage", "7", "--stop-stage", "7"]
+    proc = run_sh(*opts, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "1 of 2 tasks failed" in out and "task 2 (nicolas)" in out and "adapt_pqm.2.log" in out
+    assert "rerun stage 7" in out
+    assert "# Ended (code 0)" in (exp / "log" / "adapt_nf4_sa.2.log").read_text()  # the other system still ran
+    assert not (exp / ".done" / "stage7").exists()
+
+    (exp / "adapters" / "pqm" / "nicolas").unlink()
+    run_sh(*opts)
+    assert "nothing to do" in (exp / "log" / "adapt_nf4_sa.2.log").read_text()
+    assert "training" in (exp / "log" / "adapt_pqm.2.log").read_text()
+    assert (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").exists()
+
+
 def test_fp_model_really_learned_and_nf4_differs(recipe):
     """Decode the fp model on its own training utterances: real decoding, low WER."""
     exp, data = recipe["exp"], recipe["data"]
