@@ -11,10 +11,10 @@ stage=1                 # first stage to run
 stop_stage=9            # last stage to run
 nj=2                    # parallel jobs for per-speaker work (stages 7, 8)
 threads=0               # threads per job (0: cores / jobs)
-expdir=exp/fsdd_conformer   # experiment folder
+expdir=""               # experiment folder (default: exp/fsdd_<model>)
 datadir=data            # data folder (manifests, audio, Kaldi dirs)
-model=conformer         # model family: conformer
-pretrained=""           # ESPnet model folder (config.yaml + model .pth/.safetensors) to load instead of training
+model=conformer         # model family: conformer (ESPnet, trained in stage 4) or whisper (transformers, --pretrained)
+pretrained=""           # conformer: ESPnet model folder to load instead of training; whisper: a Whisper folder or model name
 seed=0                  # random seed for data, training and adaptation
 device=cpu              # cpu or cuda
 ngpu=1                  # with --device cuda: GPUs for training (stage 4: ESPnet's multi-GPU; stage 6: torchrun)
@@ -34,7 +34,7 @@ nf4_double_quant=true
 nf4_min_conv_numel=2048 # quantise convolutions with at least this many weights
 lora_r=8
 lora_alpha=16
-lora_targets='.*(encoder\.encoders\.\d+\.self_attn|decoder\.decoders\.\d+\.self_attn)\.linear_(q|v)'
+lora_targets=""         # regex over module names (default per model: see lora_default_targets below)
 sat_epochs=1
 sat_lr=0.001
 sat_utts=0              # SAT on at most this many training utterances (0: all)
@@ -55,7 +55,15 @@ log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (run.sh:${BASH_LINENO[0]}) $*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
 need() { [ -e "$1" ] || die "missing $1: run $2 first (e.g. ./run.sh --stage ${2#stage } --stop-stage ${2#stage })"; }
 
-[ "${model}" = conformer ] || die "--model ${model}: only 'conformer' is available in this recipe"
+case "${model}" in
+    conformer) lora_default_targets='.*(encoder\.encoders\.\d+\.self_attn|decoder\.decoders\.\d+\.self_attn)\.linear_(q|v)' ;;
+    whisper)
+        lora_default_targets='.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)'
+        [ -n "${pretrained}" ] || die "--model whisper needs --pretrained (a Whisper folder such as ../shared/models/whisper-tiny.en, or a model name)" ;;
+    *) die "--model ${model}: use conformer or whisper" ;;
+esac
+lora_targets=${lora_targets:-${lora_default_targets}}
+expdir=${expdir:-exp/fsdd_${model}}
 [[ "${stage}" =~ ^[1-9]$ && "${stop_stage}" =~ ^[1-9]$ ]] || die "--stage/--stop-stage must be 1..9"
 for opt in nj ngpu; do
     [[ "${!opt}" =~ ^[1-9][0-9]*$ ]] || die "--${opt} ${!opt}: a positive integer is needed"
@@ -66,7 +74,7 @@ case "${cmd_backend}" in
     slurm) python -m pqm.slurm --check "${cluster_config}" || die "--cmd-backend slurm: fix the above first" ;;
     *) die "--cmd-backend ${cmd_backend}: use local or slurm" ;;
 esac
-[ -z "${pretrained}" ] || [ -d "${pretrained}" ] || die "--pretrained ${pretrained}: no such folder"
+[ -z "${pretrained}" ] || [ "${model}" = whisper ] || [ -d "${pretrained}" ] || die "--pretrained ${pretrained}: no such folder"
 mkdir -p "${expdir}/log" "${expdir}/timing" "${datadir}"
 echo "${cmdline}" >> "${expdir}/run.cmd"
 done_dir=${expdir}/.done
@@ -74,8 +82,8 @@ mkdir -p "${done_dir}"
 manifests=${datadir}/manifests
 speaker_list=${expdir}/test_speakers.txt
 opts_nf4=(--fp-dir "${expdir}/fp" --nf4-dir "${expdir}/nf4" --device "${device}")
-opts_lora=(--token-list "${datadir}/token_list/word/tokens.txt" --lora-r "${lora_r}"
-           --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}" --seed "${seed}")
+opts_lora=(--lora-r "${lora_r}" --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}" --seed "${seed}")
+[ "${model}" = conformer ] && opts_lora+=(--token-list "${datadir}/token_list/word/tokens.txt")
 
 # run_stage N "title" function: runs a stage unless its done marker exists,
 # logs to ${expdir}/log/stageN.log, records its wall time, invalidates later stages.
@@ -134,6 +142,10 @@ sat_launcher=(python)
 
 stage3() {
     need "${manifests}/fsdd_cuts_train.jsonl.gz" "stage 2"
+    if [ "${model}" = whisper ]; then
+        log "Whisper brings its own tokenizer and features: nothing to prepare"
+        return
+    fi
     python -m pqm.espnet_data --datadir "${datadir}"
     rm -rf "${expdir}/asr_stats"
     python -m espnet2.bin.asr_train --collect_stats true "${espnet_data_opts[@]}" \
@@ -142,6 +154,10 @@ stage3() {
 }
 
 stage4() {
+    if [ "${model}" = whisper ]; then
+        python -m pqm.whisper --pretrained "${pretrained}" --out "${expdir}/fp"
+        return
+    fi
     if [ -n "${pretrained}" ]; then
         local ckpt="" candidate
         for candidate in model.safetensors valid.acc.ave.pth valid.acc.best.pth model.pth; do

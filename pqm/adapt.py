@@ -29,20 +29,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from lhotse import CutSet
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pqm.batches import iterate_batches
+from pqm.families import batch_iterator, build_model
 from pqm.fsutil import (
     atomic_path, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json,
 )
 from pqm.lora import META, LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
-from pqm.model_io import build_model, to_nf4
+from pqm.model_io import to_nf4
 from pqm.nf4 import count_params
-from pqm.tokens import WordTokenizer, read_token_list
 
 
 def freeze_batchnorm(model: torch.nn.Module) -> None:
@@ -135,10 +134,14 @@ class Checkpoint:
 
 
 def train_adapter(
-    model, cuts: CutSet, tokenizer: WordTokenizer, epochs: int, lr: float, batch_size: int, seed: int,
+    model, cuts: CutSet, batches_of, epochs: int, lr: float, batch_size: int, seed: int,
     device: str = "cpu", checkpoint: Checkpoint | None = None, ranks: Ranks = Ranks(),
 ) -> list[float]:
     """Train the trainable (LoRA) parameters of ``model``; return the mean loss per epoch.
+
+    ``batches_of(cuts, batch_size, epoch, seed, rank, world_size)`` gives the
+    keyword arguments of the model's forward, whose first output is the loss
+    (:func:`pqm.families.batch_iterator`).
 
     With ``checkpoint``, the state is saved after every epoch and a matching
     saved state is resumed from. With ``ranks.world_size`` > 1 (torchrun),
@@ -152,8 +155,7 @@ def train_adapter(
         model.train()
         freeze_batchnorm(model)
         sums = torch.zeros(2, dtype=torch.float64)  # loss total, batches
-        batches = iterate_batches(cuts, tokenizer, batch_size, epoch=epoch, seed=seed,
-                                  rank=ranks.rank, world_size=ranks.world_size)
+        batches = batches_of(cuts, batch_size, epoch=epoch, seed=seed, rank=ranks.rank, world_size=ranks.world_size)
         for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", mininterval=5,
                           disable=not ranks.main):
             loss = net(**{k: v.to(device) for k, v in batch.items()})[0]
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fp-dir", type=Path, required=True, help="full-precision model (stage 4)")
     p.add_argument("--nf4-dir", type=Path, required=True, help="NF4 model (stage 5)")
     p.add_argument("--cuts", type=Path, required=True, help="lhotse cuts to train on")
-    p.add_argument("--token-list", type=Path, required=True)
+    p.add_argument("--token-list", type=Path, default=None, help="ESPnet models: the word token list (stage 3)")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     p.add_argument("--speaker", default=None, help="train on this speaker's cuts only")
     p.add_argument("--speaker-list", type=Path, default=None, help="with --job N: take line N of this file as --speaker")
@@ -234,7 +236,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         return
     if ranks.main:
         (out / "fallback.json").unlink(missing_ok=True)
-    tokenizer = WordTokenizer(read_token_list(require(a.token_list, "stage 3 (token list)")))
+    token_list = require(a.token_list, "stage 3 (token list)") if a.token_list else None
+    batches_of = batch_iterator(a.fp_dir, token_list)
     start = time.time()
     model = build_model(a.fp_dir, device=a.device)
     base_params = count_params(model)
@@ -246,7 +249,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     n_lora = trainable_params(model)
     logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on {len(cuts)} utterances")
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
-    losses = train_adapter(model, cuts, tokenizer, a.epochs, a.lr, a.batch_size, a.seed, a.device, checkpoint, ranks)
+    losses = train_adapter(model, cuts, batches_of, a.epochs, a.lr, a.batch_size, a.seed, a.device, checkpoint, ranks)
     if not ranks.main:
         return
     save_adapter(

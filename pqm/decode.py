@@ -3,7 +3,8 @@
 Systems, in the order they are built on one model object:
 ``fp`` (full precision), ``nf4`` (quantised), ``nf4_sat`` (+ SAT LoRA),
 ``nf4_sa`` (+ per-speaker LoRA trained from scratch) and ``pqm`` (+ per-speaker
-LoRA started from SAT). Decoding is ESPnet's beam search (``Speech2Text``).
+LoRA started from SAT). Decoding is ESPnet's beam search (``Speech2Text``) for
+a Conformer and ``generate`` for Whisper (``pqm.families.recognizer``).
 Hypotheses go to ``<out>/<system>/<speaker>/text`` (Kaldi ``text`` format),
 and ``<out>/<system>/<speaker>/info.json`` records any fallback and the
 ``run_key`` of the inputs: a system already decoded from the same models,
@@ -19,15 +20,14 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from lhotse import CutSet
-from tqdm import tqdm
 
+from pqm.families import recognizer
 from pqm.fsutil import (
     BadInput, MissingInput, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json, write_text,
 )
 from pqm.lora import load_adapter
-from pqm.model_io import build_speech2text, to_nf4
+from pqm.model_io import to_nf4
 
 SYSTEMS = ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm")
 
@@ -39,17 +39,6 @@ class _QuietBeamSearch(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > logging.INFO or record.module not in self.NOISY
-
-
-def decode_cuts(s2t, cuts: CutSet, desc: str) -> dict[str, str]:
-    """Return ``{utterance id: hypothesis}`` from ESPnet's beam search."""
-    hyps = {}
-    with torch.no_grad():
-        for cut in tqdm(cuts, desc=desc, unit="utt", mininterval=5):
-            audio = torch.from_numpy(cut.load_audio()[0])
-            nbest = s2t(audio)
-            hyps[cut.id] = nbest[0][0] if nbest else ""
-    return hyps
 
 
 def write_hyps(out: Path, hyps: dict[str, str] | None, info: dict) -> None:
@@ -127,15 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     if not todo:
         logging.info(f"{tag}: {', '.join(wanted)} already decoded from these models and settings: nothing to do")
         return
-    s2t = build_speech2text(a.fp_dir, device=a.device, beam_size=a.beam_size, ctc_weight=a.ctc_weight, nbest=1)
+    rec = recognizer(a.fp_dir, a.device, a.beam_size, a.ctc_weight)
     peft_model, base_fp, missing = None, None, []
     for system in SYSTEMS[: SYSTEMS.index(todo[-1]) + 1]:
         info: dict = {"system": system, "speaker": speaker, "run_key": key}
         use = contextlib.nullcontext()
         if system == "nf4":
-            base_fp = to_nf4(s2t.asr_model, a.nf4_dir, device=a.device)
+            base_fp = to_nf4(rec.model, a.nf4_dir, device=a.device)
         elif system == "nf4_sat":
-            peft_model = load_adapter(s2t.asr_model, a.sat_dir, base_fp, name="sat")
+            peft_model = load_adapter(rec.model, a.sat_dir, base_fp, name="sat")
             peft_model.set_adapter("sat")
         elif system in ("nf4_sa", "pqm"):
             adapter = a.adapter_dir / system / tag
@@ -161,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         start = time.time()
         with use:
-            hyps = decode_cuts(s2t, cuts, desc=f"{system}/{tag}")
+            hyps = rec.transcribe(cuts, desc=f"{system}/{tag}")
         info["seconds"] = round(time.time() - start, 2)
         info["utterances"] = len(hyps)
         write_hyps(a.out / system / tag, hyps, info)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from pqm.fsutil import BadInput, atomic_path, cli, read_json, require, setup_logging, write_json
 from pqm.nf4 import NF4Config, compact_state_dict, fingerprint, load_nf4_state_dict, quantize_model
@@ -94,6 +95,23 @@ def build_speech2text(fp_dir: Path, device: str = "cpu", **decode_opts):
     s2t.asr_model.load_state_dict(state, strict=True)
     s2t.asr_model.eval()
     return s2t
+
+
+class EspnetRecognizer:
+    """ESPnet's beam search (``Speech2Text``) on ``self.model``, which is quantised and adapted in place."""
+
+    def __init__(self, fp_dir: Path, device: str = "cpu", beam_size: int = 4, ctc_weight: float = 0.5) -> None:
+        self.s2t = build_speech2text(fp_dir, device=device, beam_size=beam_size, ctc_weight=ctc_weight, nbest=1)
+        self.model = self.s2t.asr_model
+
+    def transcribe(self, cuts, desc: str) -> dict[str, str]:
+        """Return ``{utterance id: best hypothesis}``."""
+        hyps = {}
+        with torch.no_grad():
+            for cut in tqdm(cuts, desc=desc, unit="utt", mininterval=5):
+                nbest = self.s2t(torch.from_numpy(cut.load_audio()[0]))
+                hyps[cut.id] = nbest[0][0] if nbest else ""
+        return hyps
 
 
 def build_model(fp_dir: Path, device: str = "cpu", load_weights: bool = True) -> torch.nn.Module:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import bitsandbytes as bnb
 import torch
@@ -34,6 +34,7 @@ class NF4Config:
     blocksize: int = 64
     double_quant: bool = True
     min_conv_numel: int = 2048
+    keep_fp: list[str] = field(default_factory=list)  # module names left in full precision (e.g. tied outputs)
 
 
 class Conv4bit(nn.Module):
@@ -110,6 +111,8 @@ def quantize_model(model: nn.Module, cfg: NF4Config | None = None, device: str =
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
+            if full in cfg.keep_fp:
+                continue
             if isinstance(child, nn.Linear) and not isinstance(child, bnb.nn.Linear4bit):
                 setattr(module, child_name, _linear4bit(child, cfg, device))
             elif isinstance(child, (nn.Conv1d, nn.Conv2d)) and child.weight.numel() >= cfg.min_conv_numel:

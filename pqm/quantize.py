@@ -6,8 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from pqm.families import build_model, keep_full_precision, omitted_keys
 from pqm.fsutil import cli, setup_logging, write_json
-from pqm.model_io import build_model, rebuilt_buffers, save_nf4
+from pqm.model_io import save_nf4
 from pqm.nf4 import NF4Config, count_params, quantize_model
 
 
@@ -25,13 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     if a.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
         p.error(f"--blocksize {a.blocksize}: bitsandbytes supports 64..4096 (powers of two)")
-    cfg = NF4Config(a.blocksize, a.double_quant, a.min_conv_numel)
+    cfg = NF4Config(a.blocksize, a.double_quant, a.min_conv_numel, keep_full_precision(a.fp_dir))
     model = build_model(a.fp_dir, device=a.device)
     n_params = count_params(model)
-    rebuilt = rebuilt_buffers(a.fp_dir, model)
+    rebuilt = omitted_keys(a.fp_dir, model)
     modules = quantize_model(model, cfg, device=a.device)
     fp = save_nf4(model, cfg, modules, a.out, rebuilt)
-    fp32_bytes = (a.fp_dir / "model.safetensors").stat().st_size
+    fp32_bytes = (a.fp_dir / "model.safetensors").stat().st_size  # Whisper: save_pretrained's float32 file
     nf4_bytes = (a.out / "model.safetensors").stat().st_size
     report = {
         "size_bytes": {"fp32": fp32_bytes, "nf4": nf4_bytes},

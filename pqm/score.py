@@ -11,11 +11,13 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import jiwer
 from lhotse import CutSet
 
 from pqm.decode import SYSTEMS
+from pqm.families import FAMILIES, text_normaliser
 from pqm.fsutil import BadInput, atomic_path, cli, read_json, require, setup_logging, write_json, write_text
 
 
@@ -36,8 +38,12 @@ def count_errors(refs: list[str], hyps: list[str]) -> dict:
     return {"wer": round(100 * errors / words, 2), "errors": errors, "words": words}
 
 
-def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str]) -> dict:
+def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str],
+          normalise: Callable[[str], str] = lambda t: t) -> dict:
     """Score each system's hypotheses against ``refs``; per speaker and overall.
+
+    ``normalise`` is applied to references and hypotheses alike (Whisper's
+    English normaliser for Whisper models: ``pqm.families.text_normaliser``).
 
     A speaker that a system could not decode (its adapter is missing) is listed
     under ``missing`` and left out of that system's overall WER, never filled in
@@ -59,7 +65,11 @@ def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str]) -> d
             lacking = [u for u in utts if u not in hyps]
             if lacking:
                 raise BadInput(f"{spk_dir}/text lacks {len(lacking)} utterances (e.g. {lacking[0]}): rerun stage 8")
-            r, h = [refs[u] for u in utts], [hyps[u] for u in utts]
+            r, h = [normalise(refs[u]) for u in utts], [normalise(hyps[u]) for u in utts]
+            empty = [u for u, text in zip(utts, r) if not text.strip()]
+            if empty:
+                raise BadInput(f"the transcript of {empty[0]} normalises to nothing ({refs[empty[0]]!r}): "
+                               "fix or drop it in the corpus")
             per_speaker[spk] = count_errors(r, h)
             info = read_json(info_file, "stage 8 (decoding)")
             if info.get("fallback"):
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expdir", type=Path, required=True)
     p.add_argument("--cuts", type=Path, required=True, help="evaluation cuts (references)")
     p.add_argument("--corpus", default="fsdd")
-    p.add_argument("--model", default="conformer")
+    p.add_argument("--model", default="conformer", choices=FAMILIES)
     a = p.parse_args(argv)
     setup_logging()
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         "corpus": a.corpus,
         "model": a.model,
         "test_speakers": sorted(set(speakers.values())),
-        "systems": score(a.expdir / "decode", refs, speakers),
+        "systems": score(a.expdir / "decode", refs, speakers, text_normaliser(a.model, a.expdir / "fp")),
         "size_bytes": size["size_bytes"],
         "params": {"base": size["params"], "lora_per_speaker": max(lora)},
         "stage_seconds": stage_seconds(a.expdir),

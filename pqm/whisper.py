@@ -1,0 +1,196 @@
+"""The Whisper model family (transformers' ``WhisperForConditionalGeneration``).
+
+What the stages need from a Whisper model: stage 4 copies a pretrained model
+(a local folder, or a name transformers can resolve where there is network)
+into ``<expdir>/fp`` as safetensors; the LoRA stages train on
+``input_features``/``labels`` batches; decoding is ``generate`` (beam search,
+English, no timestamps); scoring normalises reference and hypothesis with
+Whisper's English text normaliser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from lhotse import CutSet
+from lhotse.dataset.sampling import SimpleCutSampler
+from tqdm import tqdm
+
+from pqm.fsutil import BadInput, atomic_path, cli, require, setup_logging
+
+FP_MADE_BY = "stage 4 (load the pretrained Whisper model)"
+DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+SAMPLING_RATE = 16000
+# Left in full precision by NF4: the output projection shares its weight with the
+# token embedding (which NF4 of Linear layers does not touch), and NF4 of the two
+# input convolutions (0.5M weights in tiny.en) made whisper-tiny.en emit endless
+# repetitions, while NF4 of every Linear kept its transcripts.
+KEEP_FULL_PRECISION = ("proj_out", "model.encoder.conv1", "model.encoder.conv2")
+
+
+def is_whisper_dir(path: Path) -> bool:
+    """True if ``path`` holds a transformers Whisper model (``config.json`` with ``model_type: whisper``)."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "whisper"
+    except json.JSONDecodeError:
+        return False
+
+
+def export_pretrained(source: str, out_dir: Path) -> None:
+    """Stage 4: save a pretrained Whisper model and its processor into ``out_dir`` (safetensors)."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    local = Path(source)
+    if local.exists() and not is_whisper_dir(local):
+        raise BadInput(f"--pretrained {source}: not a Whisper model folder (it needs config.json with "
+                       "model_type 'whisper', the weights and the tokenizer files, as save_pretrained writes them)")
+    model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32, local_files_only=local.exists())
+    processor = WhisperProcessor.from_pretrained(source, local_files_only=local.exists())
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    logging.info(f"saved Whisper {source} ({sum(p.numel() for p in model.parameters()):,} parameters) to {out_dir}")
+
+
+def build_model(fp_dir: Path, device: str = "cpu") -> torch.nn.Module:
+    """The full-precision Whisper model of ``fp_dir``."""
+    from transformers import WhisperForConditionalGeneration
+
+    if not is_whisper_dir(fp_dir):
+        raise BadInput(f"{fp_dir} holds no Whisper model: run {FP_MADE_BY}")
+    model = WhisperForConditionalGeneration.from_pretrained(fp_dir, dtype=torch.float32, local_files_only=True)
+    return model.to(device).eval()
+
+
+def load_processor(fp_dir: Path):
+    from transformers import WhisperProcessor
+
+    return WhisperProcessor.from_pretrained(require(fp_dir, FP_MADE_BY), local_files_only=True)
+
+
+def tied_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys that share their tensor with an earlier key (Whisper's output projection)."""
+    seen, tied = set(), set()
+    for key, value in model.state_dict().items():
+        ptr = value.data_ptr()
+        if ptr in seen:
+            tied.add(key)
+        seen.add(ptr)
+    return tied
+
+
+_resampled_from: set[int] = set()
+
+
+def _features(processor, cuts: list) -> torch.Tensor:
+    """Whisper's log-mel input features; audio at another rate is resampled (and said so once)."""
+    audio = []
+    for cut in cuts:
+        if cut.sampling_rate != SAMPLING_RATE:
+            if cut.sampling_rate not in _resampled_from:
+                logging.warning(f"audio at {cut.sampling_rate} Hz (e.g. {cut.id}): resampling to {SAMPLING_RATE} Hz for Whisper")
+                _resampled_from.add(cut.sampling_rate)
+            cut = cut.resample(SAMPLING_RATE)
+        audio.append(cut.load_audio()[0])
+    return processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+
+
+def batch_iterator(fp_dir: Path) -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
+    """Batches of ``input_features`` and ``labels`` for ``WhisperForConditionalGeneration.forward``.
+
+    Labels are the tokenizer's ids of `` <transcript>`` after Whisper's prefix
+    (start of transcript, no timestamps; the model shifts them right itself),
+    padded with -100.
+    """
+    processor = load_processor(fp_dir)
+    tokenizer = processor.tokenizer
+    tokenizer.set_prefix_tokens(predict_timestamps=False)
+    start = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+
+    def iterate(cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
+        sampler = SimpleCutSampler(cuts, max_cuts=batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size)
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            texts = []
+            for c in batch:
+                text = (c.supervisions[0].text or "").strip()
+                if not text:
+                    raise BadInput(f"empty transcript in cut {c.id}")
+                texts.append(" " + text)
+            ids = tokenizer(texts, padding=True, return_tensors="pt")
+            labels = ids.input_ids.masked_fill(ids.attention_mask == 0, -100)
+            if (labels[:, 0] == start).all():
+                labels = labels[:, 1:]
+            yield {"input_features": _features(processor, list(batch)), "labels": labels}
+
+    return iterate
+
+
+class WhisperRecognizer:
+    """Beam-search decoding with ``generate`` (English, no timestamps) on ``self.model``, adapted in place."""
+
+    def __init__(self, fp_dir: Path, device: str = "cpu", beam_size: int = 4, batch_size: int = 8) -> None:
+        self.model = build_model(fp_dir, device)
+        self.processor = load_processor(fp_dir)
+        self.device, self.beam_size, self.batch_size = device, beam_size, batch_size
+
+    def transcribe(self, cuts: CutSet, desc: str) -> dict[str, str]:
+        cuts = list(cuts)
+        hyps = {}
+        with torch.no_grad():
+            for i in tqdm(range(0, len(cuts), self.batch_size), desc=desc, unit="batch", mininterval=5):
+                batch = cuts[i : i + self.batch_size]
+                features = _features(self.processor, batch).to(self.device)
+                out = self.model.generate(input_features=features, num_beams=self.beam_size,
+                                          return_timestamps=False, max_new_tokens=128)
+                for cut, text in zip(batch, self.processor.batch_decode(out, skip_special_tokens=True)):
+                    hyps[cut.id] = " ".join(text.split())
+        return hyps
+
+
+_DIGIT_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine".split())}
+
+
+def text_normaliser(fp_dir: Path | None = None) -> Callable[[str], str]:
+    """Whisper's English text normaliser, then every digit as its own word.
+
+    The normaliser writes numbers as digits and joins spelled-out digit runs
+    into one number ("one two" -> "12"); splitting digits keeps the word error
+    rate a per-digit count, as for spelled-out transcripts. A digit word it
+    leaves spelled out (it writes a leading "1," as "one") becomes its digit.
+    """
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    spelling = {}
+    if fp_dir is not None and (fp_dir / "normalizer.json").exists():
+        spelling = json.loads((fp_dir / "normalizer.json").read_text(encoding="utf-8"))
+    normalise = EnglishTextNormalizer(spelling)
+
+    def apply(text: str) -> str:
+        words = re.sub(r"(\d)", r" \1 ", normalise(text)).split()
+        return " ".join(_DIGIT_WORDS.get(w, w) for w in words)
+
+    return apply
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Stage 4 for Whisper: ``python -m pqm.whisper --pretrained SRC --out <expdir>/fp``."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--pretrained", required=True, help="a Whisper folder, or a model name transformers can resolve")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    setup_logging()
+    export_pretrained(a.pretrained, a.out)
+
+
+if __name__ == "__main__":
+    cli(main)

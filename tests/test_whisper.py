@@ -1,0 +1,80 @@
+"""The Whisper family: the real whisper-tiny.en through every stage of run.sh, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lhotse import CutSet
+
+from conftest import SHARED, make_fsdd_subset
+from pqm.fsutil import BadInput
+from test_recipe import run_sh
+
+WHISPER = SHARED / "models" / "whisper-tiny.en"
+
+
+@pytest.fixture(scope="module")
+def whisper_dir() -> Path:
+    if not (WHISPER / "config.json").is_file():
+        pytest.skip(f"{WHISPER} is absent: the Whisper tests need the real whisper-tiny.en there")
+    return WHISPER
+
+
+def test_normaliser_counts_digits_alike():
+    from pqm.whisper import text_normaliser
+
+    norm = text_normaliser(WHISPER if WHISPER.is_dir() else None)
+    assert norm("one two three") == norm("1, 2, 3.") == norm("One-two, three!") == "1 2 3"
+    assert norm("oh five") == "0 5"
+
+
+def test_not_a_whisper_folder_is_refused(tmp_path):
+    from pqm.whisper import export_pretrained
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(BadInput, match="not a Whisper model folder"):
+        export_pretrained(str(tmp_path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def whisper_run(whisper_dir, fsdd_dir, tmp_path_factory):
+    """All nine stages with --model whisper on a few utterances: SAT on jackson, adaptation on george."""
+    tmp = tmp_path_factory.mktemp("whisper")
+    corpus = make_fsdd_subset(tmp / "fsdd", ["jackson", "george"], per_digit=7)
+    exp = tmp / "exp"
+    opts = ["--model", "whisper", "--pretrained", str(whisper_dir), "--fsdd-dir", str(corpus),
+            "--expdir", str(exp), "--datadir", str(tmp / "data"), "--train-speakers", "jackson",
+            "--test-speakers", "george", "--train-per-speaker", "4", "--adapt-per-digit", "6",
+            "--adapt-per-speaker", "4", "--max-digits", "3", "--sat-epochs", "1", "--sa-epochs", "2",
+            "--sat-lr", "0.0005", "--sa-lr", "0.0005", "--beam-size", "1", "--nj", "1"]
+    proc = run_sh(*opts)
+    return {"exp": exp, "data": tmp / "data", "opts": opts, "stdout": proc.stdout}
+
+
+def test_whisper_recipe_end_to_end(whisper_run):
+    exp = whisper_run["exp"]
+    results = json.loads((exp / "results.json").read_text())
+    assert results["model"] == "whisper" and set(results["systems"]) == {"fp", "nf4", "nf4_sat", "nf4_sa", "pqm"}
+    cuts = CutSet.from_file(whisper_run["data"] / "manifests" / "fsdd_cuts_eval.jsonl.gz")
+    digits = sum(len(c.supervisions[0].text.split()) for c in cuts)
+    for r in results["systems"].values():
+        assert r["words"] == digits  # the normaliser keeps one word per digit
+    # the pretrained model recognises spoken digits, and NF4 keeps it working
+    assert results["systems"]["fp"]["wer"] < 60
+    assert results["systems"]["nf4"]["wer"] < results["systems"]["fp"]["wer"] + 30
+    size = results["size_bytes"]
+    assert size["nf4"] < size["fp32"]
+    meta = json.loads((exp / "adapters" / "pqm" / "george" / "pqm_adapter.json").read_text())
+    assert meta["init"] and meta["lora_params"] == results["params"]["lora_per_speaker"]
+    config = json.loads((exp / "adapters" / "pqm" / "george" / "adapter_config.json").read_text())
+    assert "fc1" in config["target_modules"] and "q_proj" in config["target_modules"]
+    nf4 = json.loads((exp / "nf4" / "nf4.json").read_text())
+    assert "proj_out" in nf4["config"]["keep_fp"] and "model.decoder.layers.0.fc1" in nf4["modules"]
+
+
+def test_whisper_needs_a_pretrained_model():
+    proc = run_sh("--model", "whisper", check=False)
+    assert proc.returncode != 0 and "--model whisper needs --pretrained" in proc.stderr
