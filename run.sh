@@ -32,6 +32,7 @@ max_epoch=12            # Conformer training epochs
 nf4_blocksize=64
 nf4_double_quant=true
 nf4_min_conv_numel=2048 # quantise convolutions with at least this many weights
+nf4_embeddings=false    # whisper: also quantise the token embedding and the output projection tied to it
 lora_r=8
 lora_alpha=16
 lora_targets=""         # regex over module names (default per model: see lora_default_targets below)
@@ -182,7 +183,8 @@ stage4() {
 stage5() {
     need "${expdir}/fp/model.safetensors" "stage 4"
     python -m pqm.quantize --fp-dir "${expdir}/fp" --out "${expdir}/nf4" --blocksize "${nf4_blocksize}" \
-        --double-quant "${nf4_double_quant}" --min-conv-numel "${nf4_min_conv_numel}" --device "${device}"
+        --double-quant "${nf4_double_quant}" --min-conv-numel "${nf4_min_conv_numel}" --embeddings "${nf4_embeddings}" \
+        --device "${device}"
 }
 
 stage6() {

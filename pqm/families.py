@@ -40,9 +40,18 @@ def omitted_keys(fp_dir: Path, model: torch.nn.Module) -> set[str]:
     return model_io.rebuilt_buffers(fp_dir, model)
 
 
-def keep_full_precision(fp_dir: Path) -> list[str]:
+def keep_full_precision(fp_dir: Path, embeddings: bool = False) -> list[str]:
     """Modules NF4 leaves alone (Whisper: see ``pqm.whisper.KEEP_FULL_PRECISION``)."""
-    return list(whisper.KEEP_FULL_PRECISION) if family_of(fp_dir) == "whisper" else []
+    if family_of(fp_dir) != "whisper":
+        return []
+    return [m for m in whisper.KEEP_FULL_PRECISION if not (embeddings and m == whisper.TIED_OUTPUT)]
+
+
+def embedding_modules(fp_dir: Path) -> list[str]:
+    """Token embeddings that ``--embeddings true`` quantises (with the output projection tied to them)."""
+    if family_of(fp_dir) == "whisper":
+        return [whisper.TOKEN_EMBEDDING]
+    raise ValueError("embedding quantisation is available for Whisper models only")
 
 
 def batch_iterator(fp_dir: Path, token_list: Path | None) -> Callable[..., Iterator[dict[str, torch.Tensor]]]:

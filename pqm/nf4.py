@@ -34,7 +34,8 @@ class NF4Config:
     blocksize: int = 64
     double_quant: bool = True
     min_conv_numel: int = 2048
-    keep_fp: list[str] = field(default_factory=list)  # module names left in full precision (e.g. tied outputs)
+    keep_fp: list[str] = field(default_factory=list)  # module names left in full precision
+    embeddings: list[str] = field(default_factory=list)  # nn.Embedding modules to quantise too (and Linears tied to them)
 
 
 class Conv4bit(nn.Module):
@@ -77,6 +78,35 @@ class Conv4bit(nn.Module):
         return f"{self.kind}, weight_shape={self.weight_shape}, nf4"
 
 
+class SavableEmbedding4bit(bnb.nn.Embedding4bit):
+    """bitsandbytes' NF4 embedding, with the state dict saving it lacks (as Linear4bit saves)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D102
+        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        for k, v in self.weight.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+
+def _embedding4bit(emb: nn.Embedding, cfg: NF4Config, device: str) -> SavableEmbedding4bit:
+    """NF4 embedding, block-wise without double quantisation (rows are dequantised one by one)."""
+    q = SavableEmbedding4bit(emb.num_embeddings, emb.embedding_dim, quant_type="nf4", device="meta")
+    q.dtype = emb.weight.dtype
+    q.weight = Params4bit(
+        emb.weight.data.contiguous(), requires_grad=False, blocksize=cfg.blocksize, compress_statistics=False,
+        quant_type="nf4", module=q,
+    ).to(device)
+    return q
+
+
+def _tied_linear4bit(linear: nn.Linear, weight: Params4bit) -> bnb.nn.Linear4bit:
+    """A Linear4bit that shares an NF4 embedding's weight (an output projection tied to the embedding)."""
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=torch.float32, quant_type="nf4", device="meta")
+    q.weight = weight
+    q.bias = linear.bias
+    return q
+
+
 def _linear4bit(linear: nn.Linear, cfg: NF4Config, device: str) -> bnb.nn.Linear4bit:
     q = bnb.nn.Linear4bit(
         linear.in_features,
@@ -107,13 +137,24 @@ def quantize_model(model: nn.Module, cfg: NF4Config | None = None, device: str =
     Returns the names of the quantised modules.
     """
     cfg = cfg or NF4Config()
-    done = []
+    done, shared = [], {}  # shared: id of an embedding's fp weight -> its NF4 weight
+    for name in cfg.embeddings:
+        emb = model.get_submodule(name)
+        if not isinstance(emb, nn.Embedding):
+            raise ValueError(f"{name} is not an nn.Embedding")
+        q = _embedding4bit(emb, cfg, device)
+        shared[id(emb.weight)] = q.weight
+        parent, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child_name, q)
+        done.append(name)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if full in cfg.keep_fp:
                 continue
-            if isinstance(child, nn.Linear) and not isinstance(child, bnb.nn.Linear4bit):
+            if isinstance(child, nn.Linear) and id(child.weight) in shared:
+                setattr(module, child_name, _tied_linear4bit(child, shared[id(child.weight)]))
+            elif isinstance(child, nn.Linear) and not isinstance(child, bnb.nn.Linear4bit):
                 setattr(module, child_name, _linear4bit(child, cfg, device))
             elif isinstance(child, (nn.Conv1d, nn.Conv2d)) and child.weight.numel() >= cfg.min_conv_numel:
                 setattr(module, child_name, Conv4bit(child, cfg, device))
@@ -152,7 +193,7 @@ def compact_state_dict(state_dict: dict[str, torch.Tensor], rebuilt: set[str]) -
     """
     out, shared = {}, {}
     for key, value in state_dict.items():
-        if key in rebuilt:
+        if key in rebuilt or key.rsplit(".weight.", 1)[0] + ".weight" in rebuilt:  # with a tied weight's quant state
             continue
         suffix = next((s for s in _SHARED_SUFFIXES if key.endswith(s)), None)
         if suffix is not None:
@@ -184,19 +225,26 @@ def load_nf4_state_dict(
     Raises if any other key is missing or left over.
     """
     state_dict = dict(state_dict)
+    loaded: dict[int, Params4bit] = {}  # a weight shared by several modules (tied) is loaded once
     for name, module in model.named_modules():
-        if isinstance(module, (bnb.nn.Linear4bit, Conv4bit)):
+        if isinstance(module, (bnb.nn.Linear4bit, Conv4bit, bnb.nn.Embedding4bit)):
+            if id(module.weight) in loaded:
+                module.weight = loaded[id(module.weight)]
+                continue
             prefix = f"{name}.weight"
             if prefix not in state_dict:
                 raise KeyError(f"NF4 weight {prefix} missing from the state dict")
             data = state_dict.pop(prefix)
             stats = {k[len(prefix) + 1 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + ".")}
             _expand_shared(state_dict, prefix, stats)
-            owner = module if isinstance(module, bnb.nn.Linear4bit) else None
+            owner = module if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Embedding4bit)) else None
+            old_id = id(module.weight)
             module.weight = Params4bit.from_prequantized(data, stats, device=device, module=owner)
+            loaded[old_id] = module.weight
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(SHARED_PREFIX)}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    quantised = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, Conv4bit))}
+    quantised = {f"{n}.weight" for n, m in model.named_modules()
+                 if isinstance(m, (bnb.nn.Linear4bit, Conv4bit, bnb.nn.Embedding4bit))}
     missing = [k for k in missing if k not in quantised and k not in rebuilt]
     if missing or unexpected:
         raise KeyError(f"NF4 state dict does not match the model: missing {missing}, unexpected {unexpected}")

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pqm.families import build_model, keep_full_precision, omitted_keys
+from pqm.families import build_model, embedding_modules, keep_full_precision, omitted_keys
 from pqm.fsutil import cli, setup_logging, write_json
 from pqm.model_io import save_nf4
 from pqm.nf4 import NF4Config, count_params, quantize_model
@@ -21,12 +21,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--double-quant", type=lambda s: s.lower() in ("1", "true", "yes"), default=default.double_quant)
     p.add_argument("--min-conv-numel", type=int, default=default.min_conv_numel,
                    help="quantise convolutions with at least this many weights")
+    p.add_argument("--embeddings", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
+                   help="also quantise the token embedding and the output projection tied to it (Whisper)")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     setup_logging()
     if a.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
         p.error(f"--blocksize {a.blocksize}: bitsandbytes supports 64..4096 (powers of two)")
-    cfg = NF4Config(a.blocksize, a.double_quant, a.min_conv_numel, keep_full_precision(a.fp_dir))
+    try:
+        embeddings = embedding_modules(a.fp_dir) if a.embeddings else []
+    except ValueError as exc:
+        p.error(f"--embeddings true: {exc}")
+    cfg = NF4Config(a.blocksize, a.double_quant, a.min_conv_numel, keep_full_precision(a.fp_dir, a.embeddings), embeddings)
     model = build_model(a.fp_dir, device=a.device)
     n_params = count_params(model)
     rebuilt = omitted_keys(a.fp_dir, model)
@@ -39,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio": round(fp32_bytes / nf4_bytes, 3),
         "params": n_params,
         "quantised_modules": len(modules),
+        "embeddings_quantised": bool(embeddings),
         "fingerprint": fp,
     }
     write_json(a.out / "size.json", report)

@@ -27,11 +27,12 @@ from pqm.fsutil import BadInput, atomic_path, cli, require, setup_logging
 FP_MADE_BY = "stage 4 (load the pretrained Whisper model)"
 DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
 SAMPLING_RATE = 16000
-# Left in full precision by NF4: the output projection shares its weight with the
-# token embedding (which NF4 of Linear layers does not touch), and NF4 of the two
-# input convolutions (0.5M weights in tiny.en) made whisper-tiny.en emit endless
-# repetitions, while NF4 of every Linear kept its transcripts.
-KEEP_FULL_PRECISION = ("proj_out", "model.encoder.conv1", "model.encoder.conv2")
+TOKEN_EMBEDDING, TIED_OUTPUT = "model.decoder.embed_tokens", "proj_out"
+# Left in full precision by NF4: the output projection, which shares its weight with
+# the token embedding (both are quantised together only with --embeddings true),
+# and the two input convolutions: in NF4 (0.5M weights in tiny.en) they made
+# whisper-tiny.en emit endless repetitions, while NF4 of every Linear kept its transcripts.
+KEEP_FULL_PRECISION = (TIED_OUTPUT, "model.encoder.conv1", "model.encoder.conv2")
 
 
 def is_whisper_dir(path: Path) -> bool:
