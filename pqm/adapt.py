@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pqm.families import batch_iterator, build_model
+from pqm.families import batch_iterator, build_model, default_lora_targets
 from pqm.fsutil import (
     atomic_path, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json,
 )
@@ -195,13 +195,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-r", type=int, default=default.r)
     p.add_argument("--lora-alpha", type=int, default=default.alpha)
     p.add_argument("--lora-dropout", type=float, default=default.dropout)
-    p.add_argument("--lora-targets", default=default.target_modules, help="regex over module names")
+    p.add_argument("--lora-targets", default=None, help="regex over module names (default: the model family's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     if a.speaker_list is not None and a.job is None:
         p.error("--speaker-list needs --job")
     setup_logging()
+    a.lora_targets = a.lora_targets or default_lora_targets(a.fp_dir)
     ranks, a.device = init_distributed(a.device)
     try:
         train_job(a, ranks)

@@ -54,6 +54,13 @@ def embedding_modules(fp_dir: Path) -> list[str]:
     raise ValueError("embedding quantisation is available for Whisper models only")
 
 
+def default_lora_targets(fp_dir: Path) -> str:
+    """LoRA target modules (a regex) when none are given: q/v self-attention (ESPnet), q/k/v/out_proj + fc1/fc2 (Whisper)."""
+    from pqm.lora import DEFAULT_TARGETS
+
+    return whisper.DEFAULT_TARGETS if family_of(fp_dir) == "whisper" else DEFAULT_TARGETS
+
+
 def batch_iterator(fp_dir: Path, token_list: Path | None) -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
     """``iterate(cuts, batch_size, epoch, seed, rank, world_size)`` yielding keyword arguments of the model's forward."""
     if family_of(fp_dir) == "whisper":
