@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# pqm default recipe: personalised NF4 ASR on connected digits (FSDD).
+# pqm recipe: personalised NF4 ASR. Default: connected digits (FSDD); --corpus custom: your own Kaldi dirs.
 #   1 corpus  2 lhotse manifests  3 ESPnet data + stats  4 train/load Conformer
 #   5 NF4  6 SAT LoRA  7 per-speaker LoRA  8 decode all systems  9 score
 # Usage: ./run.sh [--stage N] [--stop-stage M] [--nj J] [--option value ...]
@@ -11,7 +11,7 @@ stage=1                 # first stage to run
 stop_stage=9            # last stage to run
 nj=2                    # parallel jobs for per-speaker work (stages 7, 8)
 threads=0               # threads per job (0: cores / jobs)
-expdir=""               # experiment folder (default: exp/fsdd_<model>)
+expdir=""               # experiment folder (default: exp/<corpus>_<model>)
 datadir=data            # data folder (manifests, audio, Kaldi dirs)
 model=conformer         # model family: conformer (ESPnet, trained in stage 4) or whisper (transformers, --pretrained)
 pretrained=""           # conformer: ESPnet model folder to load instead of training; whisper: a Whisper folder or model name
@@ -19,6 +19,11 @@ seed=0                  # random seed for data, training and adaptation
 device=cpu              # cpu or cuda
 ngpu=1                  # with --device cuda: GPUs for training (stage 4: ESPnet's multi-GPU; stage 6: torchrun)
 sat_nproc=0             # stage 6 processes under torchrun with DDP (0: ngpu on cuda, 1 on cpu; >1 on cpu uses gloo)
+corpus=fsdd             # fsdd (the default digit task) or custom (--train-data, --adapt-data, --eval-data)
+train_data=""           # custom: training set, a Kaldi data dir (wav.scp, text, utt2spk[, segments]) or lhotse cuts
+adapt_data=""           # custom: the test speakers' adaptation set
+eval_data=""            # custom: the test speakers' evaluation set (its speakers are the test speakers)
+valid_fraction=0.05     # custom: share of the training utterances held out for validation
 fsdd_dir=../shared/corpora/fsdd   # local FSDD copy; downloaded into download_dir when absent
 download_dir=downloads
 train_speakers="jackson theo yweweler lucas"
@@ -64,7 +69,14 @@ case "${model}" in
     *) die "--model ${model}: use conformer or whisper" ;;
 esac
 lora_targets=${lora_targets:-${lora_default_targets}}
-expdir=${expdir:-exp/fsdd_${model}}
+expdir=${expdir:-exp/${corpus}_${model}}
+case "${corpus}" in
+    fsdd) ;;
+    custom) for opt in train_data adapt_data eval_data; do
+                [ -e "${!opt}" ] || die "--corpus custom needs --${opt//_/-} (a Kaldi data dir or lhotse cuts); got '${!opt}'"
+            done ;;
+    *) die "--corpus ${corpus}: use fsdd or custom" ;;
+esac
 [[ "${stage}" =~ ^[1-9]$ && "${stop_stage}" =~ ^[1-9]$ ]] || die "--stage/--stop-stage must be 1..9"
 for opt in nj ngpu; do
     [[ "${!opt}" =~ ^[1-9][0-9]*$ ]] || die "--${opt} ${!opt}: a positive integer is needed"
@@ -81,6 +93,7 @@ echo "${cmdline}" >> "${expdir}/run.cmd"
 done_dir=${expdir}/.done
 mkdir -p "${done_dir}"
 manifests=${datadir}/manifests
+cuts() { echo "${manifests}/${corpus}_cuts_$1.jsonl.gz"; }  # stage 2's lhotse cuts of set $1
 speaker_list=${expdir}/test_speakers.txt
 opts_nf4=(--fp-dir "${expdir}/fp" --nf4-dir "${expdir}/nf4" --device "${device}")
 opts_lora=(--lora-r "${lora_r}" --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}" --seed "${seed}")
@@ -112,11 +125,20 @@ run_stage() {
 }
 
 stage1() {
+    if [ "${corpus}" = custom ]; then
+        log "corpus: train ${train_data}, adapt ${adapt_data}, eval ${eval_data}"
+        return
+    fi
     python -m pqm.recipes.fsdd --fsdd-dir "${fsdd_dir}" --download-dir "${download_dir}" > "${datadir}/corpus_dir"
     log "corpus: $(cat "${datadir}/corpus_dir")"
 }
 
 stage2() {
+    if [ "${corpus}" = custom ]; then
+        python -m pqm.recipes.custom --train "${train_data}" --adapt "${adapt_data}" --eval "${eval_data}" \
+            --datadir "${datadir}" --valid-fraction "${valid_fraction}"
+        return
+    fi
     need "${datadir}/corpus_dir" "stage 1"
     # shellcheck disable=SC2086
     python -m pqm.prepare --corpus-dir "$(cat "${datadir}/corpus_dir")" --datadir "${datadir}" \
@@ -142,12 +164,12 @@ sat_launcher=(python)
 [ "${sat_nproc}" -gt 1 ] && sat_launcher=(python -m torch.distributed.run --standalone --nproc-per-node "${sat_nproc}")
 
 stage3() {
-    need "${manifests}/fsdd_cuts_train.jsonl.gz" "stage 2"
+    need "$(cuts train)" "stage 2"
     if [ "${model}" = whisper ]; then
         log "Whisper brings its own tokenizer and features: nothing to prepare"
         return
     fi
-    python -m pqm.espnet_data --datadir "${datadir}"
+    python -m pqm.espnet_data --datadir "${datadir}" --corpus "${corpus}"
     rm -rf "${expdir}/asr_stats"
     python -m espnet2.bin.asr_train --collect_stats true "${espnet_data_opts[@]}" \
         --train_shape_file "${datadir}/train/wav.scp" --valid_shape_file "${datadir}/valid/wav.scp" \
@@ -189,7 +211,7 @@ stage5() {
 
 stage6() {
     need "${expdir}/nf4/model.safetensors" "stage 5"
-    "${sat_launcher[@]}" -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" --cuts "${manifests}/fsdd_cuts_train.jsonl.gz" \
+    "${sat_launcher[@]}" -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" --cuts "$(cuts train)" \
         --max-utts "${sat_utts}" --epochs "${sat_epochs}" --lr "${sat_lr}" --out "${expdir}/sat"
 }
 
@@ -209,7 +231,7 @@ stage7() {
         log "per-speaker ${system} adapters for ${n} speakers (logs: ${expdir}/log/adapt_${system}.*.log)"
         ${cmd} --max-jobs "${nj}" --threads "${threads}" --task-names "${speaker_list}" "JOB=1:${n}" "${expdir}/log/adapt_${system}.JOB.log" \
             python -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" "${init[@]}" \
-            --cuts "${manifests}/fsdd_cuts_adapt.jsonl.gz" --speaker-list "${speaker_list}" --job JOB \
+            --cuts "$(cuts adapt)" --speaker-list "${speaker_list}" --job JOB \
             --epochs "${sa_epochs}" --lr "${sa_lr}" --out "${expdir}/adapters/${system}" || failed="${failed} ${system}"
     done
     [ -z "${failed}" ] || die "adaptation failed for some speakers of:${failed} (listed above); rerun stage 7 to redo only those"
@@ -222,13 +244,13 @@ stage8() {
     log "decoding ${n} speakers with every system (logs: ${expdir}/log/decode.*.log)"
     ${cmd} --max-jobs "${nj}" --threads "${threads}" --task-names "${speaker_list}" "JOB=1:${n}" "${expdir}/log/decode.JOB.log" \
         python -m pqm.decode "${opts_nf4[@]}" --sat-dir "${expdir}/sat" --adapter-dir "${expdir}/adapters" \
-        --cuts "${manifests}/fsdd_cuts_eval.jsonl.gz" --speaker-list "${speaker_list}" --job JOB \
+        --cuts "$(cuts eval)" --speaker-list "${speaker_list}" --job JOB \
         --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" --out "${expdir}/decode"
 }
 
 stage9() {
     need "${expdir}/decode" "stage 8"
-    python -m pqm.score --expdir "${expdir}" --cuts "${manifests}/fsdd_cuts_eval.jsonl.gz" --model "${model}"
+    python -m pqm.score --expdir "${expdir}" --cuts "$(cuts eval)" --model "${model}" --corpus "${corpus}"
 }
 
 run_stage 1 "get the corpus" stage1

@@ -27,11 +27,11 @@ import soundfile as sf
 from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 from tqdm import tqdm
 
-from pqm.fsutil import BadInput, atomic_path, check_safe_id, write_json
+from pqm.fsutil import BadInput, atomic_path, check_safe_id
+from pqm.manifests import SETS, write_set, write_speakers
 from pqm.recipes.fsdd import parse_name
 
 SAMPLE_RATE = 16000
-SETS = ("train", "valid", "adapt", "eval")
 
 
 @dataclass
@@ -166,13 +166,8 @@ def make_connected_digits(
                     custom={"sources": group},
                 )
             )
-        rec_set = RecordingSet.from_recordings(recs)
-        sup_set = SupervisionSet.from_segments(sups)
-        cut_set = CutSet.from_manifests(recordings=rec_set, supervisions=sup_set)
-        for kind, manifest in (("recordings", rec_set), ("supervisions", sup_set), ("cuts", cut_set)):
-            with atomic_path(manifest_dir / f"fsdd_{kind}_{name}.jsonl.gz") as tmp:
-                manifest.to_file(tmp)
-        cuts[name] = cut_set
+        cuts[name] = write_set(manifest_dir, "fsdd", name, RecordingSet.from_recordings(recs),
+                               SupervisionSet.from_segments(sups))
         logging.info(f"{name}: {len(items)} utterances, {sum(len(g) for _, _, g in items)} words")
-    write_json(manifest_dir / "speakers.json", {"train": cfg.train_speakers, "test": cfg.test_speakers, "config": asdict(cfg)})
+    write_speakers(manifest_dir, cfg.train_speakers, cfg.test_speakers, config=asdict(cfg))
     return cuts

@@ -1,0 +1,42 @@
+"""The manifest files stage 2 writes and later stages read: ``<dir>/<corpus>_<kind>_<set>.jsonl.gz``.
+
+Every corpus recipe (``pqm.recipes.*``) ends by writing, for each set (train,
+valid, adapt, eval), lhotse recordings, supervisions and cuts, plus
+``speakers.json`` with the training and test speakers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lhotse import CutSet, RecordingSet, SupervisionSet
+
+from pqm.fsutil import atomic_path, require, write_json
+
+SETS = ("train", "valid", "adapt", "eval")
+KINDS = ("recordings", "supervisions", "cuts")
+
+
+def manifest_path(manifest_dir: Path, corpus: str, kind: str, name: str) -> Path:
+    return manifest_dir / f"{corpus}_{kind}_{name}.jsonl.gz"
+
+
+def write_set(manifest_dir: Path, corpus: str, name: str, recs: RecordingSet, sups: SupervisionSet,
+              cuts: CutSet | None = None) -> CutSet:
+    """Write one set's manifests atomically; the cuts default to one per recording."""
+    cuts = cuts if cuts is not None else CutSet.from_manifests(recordings=recs, supervisions=sups)
+    for kind, manifest in zip(KINDS, (recs, sups, cuts)):
+        with atomic_path(manifest_path(manifest_dir, corpus, kind, name)) as tmp:
+            manifest.to_file(tmp)
+    return cuts
+
+
+def write_speakers(manifest_dir: Path, train: list[str], test: list[str], **extra) -> None:
+    write_json(manifest_dir / "speakers.json", {"train": train, "test": test, **extra})
+
+
+def load_set(manifest_dir: Path, corpus: str, name: str) -> tuple[RecordingSet, SupervisionSet]:
+    """Load one set's recordings and supervisions, naming stage 2 if they are missing."""
+    rec = require(manifest_path(manifest_dir, corpus, "recordings", name), "stage 2 (manifests)")
+    sup = require(manifest_path(manifest_dir, corpus, "supervisions", name), "stage 2 (manifests)")
+    return RecordingSet.from_file(rec), SupervisionSet.from_file(sup)

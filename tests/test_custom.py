@@ -1,0 +1,83 @@
+"""The custom-corpus recipe: Kaldi data dirs of real FSDD recordings (8 kHz), their bad inputs, Whisper end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FSDD
+from pqm.fsutil import BadInput
+from pqm.recipes.custom import prepare_custom
+from test_recipe import run_sh
+from test_whisper import WHISPER
+
+WORDS = "zero one two three four five six seven eight nine".split()
+
+
+def write_kaldi_dir(path: Path, speaker: str, digits: range, index: int) -> Path:
+    """One utterance per FSDD recording ``<digit>_<speaker>_<index>.wav``."""
+    path.mkdir(parents=True)
+    utts = [(f"{speaker}-{d}-{index}", FSDD / "recordings" / f"{d}_{speaker}_{index}.wav", WORDS[d]) for d in digits]
+    (path / "wav.scp").write_text("".join(f"{u} {w}\n" for u, w, _ in utts))
+    (path / "text").write_text("".join(f"{u} {t}\n" for u, _, t in utts))
+    (path / "utt2spk").write_text("".join(f"{u} {speaker}\n" for u, _, _ in utts))
+    return path
+
+
+@pytest.fixture
+def dirs(fsdd_dir, tmp_path):
+    return {
+        "train": write_kaldi_dir(tmp_path / "train", "jackson", range(10), 0),
+        "adapt": write_kaldi_dir(tmp_path / "adapt", "george", range(4), 0),
+        "eval": write_kaldi_dir(tmp_path / "eval", "george", range(5), 45),
+    }
+
+
+def test_kaldi_dirs_become_the_recipe_manifests(dirs, tmp_path):
+    from lhotse import CutSet
+
+    speakers = prepare_custom(dirs["train"], dirs["adapt"], dirs["eval"], tmp_path / "m", valid_fraction=0.2)
+    assert speakers["eval"] == ["george"] and speakers["train"] == ["jackson"]
+    counts = {n: len(CutSet.from_file(tmp_path / "m" / f"custom_cuts_{n}.jsonl.gz")) for n in ("train", "valid", "adapt", "eval")}
+    assert counts == {"train": 8, "valid": 2, "adapt": 4, "eval": 5}
+    assert json.loads((tmp_path / "m" / "speakers.json").read_text())["test"] == ["george"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "text").write_text((d / "text").read_text().split("\n", 1)[1]), "have no line in text"),
+    (lambda d: (d / "text").write_text("jackson-0-0\n" + (d / "text").read_text().split("\n", 1)[1]), "empty transcripts"),
+    (lambda d: (d / "wav.scp").write_text("jackson-0-0 /nonexistent/a.wav\n"), "audio files do not exist: /nonexistent/a.wav"),
+    (lambda d: (d / "wav.scp").write_text("jackson-0-0 sox a.wav -t wav - |\n"), "are commands, not plain file paths"),
+    (lambda d: (d / "utt2spk").unlink(), "utt2spk is missing"),
+])
+def test_bad_kaldi_dir_is_named(dirs, tmp_path, damage, message):
+    damage(dirs["train"])
+    with pytest.raises(BadInput, match="train") as err:
+        prepare_custom(dirs["train"], dirs["adapt"], dirs["eval"], tmp_path / "m")
+    assert message in str(err.value)
+    assert not (tmp_path / "m").exists()  # nothing written
+
+
+def test_test_speaker_in_training_is_refused(dirs, tmp_path):
+    with pytest.raises(BadInput, match=r"speakers \['george'\] are in the training set"):
+        prepare_custom(dirs["eval"], dirs["adapt"], dirs["eval"], tmp_path / "m")
+
+
+def test_conformer_refuses_8khz_audio_and_whisper_runs_end_to_end(dirs, tmp_path):
+    if not (WHISPER / "config.json").is_file():
+        pytest.skip(f"{WHISPER} is absent")
+    data = ["--corpus", "custom", "--train-data", str(dirs["train"]), "--adapt-data", str(dirs["adapt"]),
+            "--eval-data", str(dirs["eval"]), "--datadir", str(tmp_path / "data")]
+    proc = run_sh(*data, "--expdir", str(tmp_path / "conformer"), "--stop-stage", "3", check=False)
+    assert proc.returncode != 0 and "not a whole 16000 Hz recording" in proc.stdout + proc.stderr
+
+    exp = tmp_path / "whisper"
+    run_sh(*data, "--expdir", str(exp), "--model", "whisper", "--pretrained", str(WHISPER), "--sat-utts", "4",
+           "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true")
+    results = json.loads((exp / "results.json").read_text())
+    assert results["corpus"] == "custom" and results["test_speakers"] == ["george"]
+    assert all(r["words"] == 5 and "missing" not in r for r in results["systems"].values())
+    assert (exp / "adapters" / "pqm" / "george" / "adapter_model.safetensors").exists()
+    assert "resampling to 16000 Hz" in (exp / "log" / "stage6.log").read_text()
