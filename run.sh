@@ -19,7 +19,11 @@ seed=0                  # random seed for data, training and adaptation
 device=cpu              # cpu or cuda
 ngpu=1                  # with --device cuda: GPUs for training (stage 4: ESPnet's multi-GPU; stage 6: torchrun)
 sat_nproc=0             # stage 6 processes under torchrun with DDP (0: ngpu on cuda, 1 on cpu; >1 on cpu uses gloo)
-corpus=fsdd             # fsdd (the default digit task) or custom (--train-data, --adapt-data, --eval-data)
+corpus=fsdd             # fsdd (the default digit task), librispeech (egs/librispeech) or custom (--train-data, --adapt-data, --eval-data)
+librispeech_dir=downloads/LibriSpeech  # librispeech: the corpus folder; downloaded into download_dir when absent
+train_part=train-clean-100   # librispeech: SAT (and Conformer training) part
+test_parts="test-clean test-other"  # librispeech: test speakers = their readers
+train_utts=0            # librispeech: first N training utterances by id (0: all)
 train_data=""           # custom: training set, a Kaldi data dir (wav.scp, text, utt2spk[, segments]) or lhotse cuts
 adapt_data=""           # custom: the test speakers' adaptation set
 eval_data=""            # custom: the test speakers' evaluation set (its speakers are the test speakers)
@@ -71,11 +75,11 @@ esac
 lora_targets=${lora_targets:-${lora_default_targets}}
 expdir=${expdir:-exp/${corpus}_${model}}
 case "${corpus}" in
-    fsdd) ;;
+    fsdd|librispeech) ;;
     custom) for opt in train_data adapt_data eval_data; do
                 [ -e "${!opt}" ] || die "--corpus custom needs --${opt//_/-} (a Kaldi data dir or lhotse cuts); got '${!opt}'"
             done ;;
-    *) die "--corpus ${corpus}: use fsdd or custom" ;;
+    *) die "--corpus ${corpus}: use fsdd, librispeech or custom" ;;
 esac
 [[ "${stage}" =~ ^[1-9]$ && "${stop_stage}" =~ ^[1-9]$ ]] || die "--stage/--stop-stage must be 1..9"
 for opt in nj ngpu; do
@@ -129,6 +133,10 @@ stage1() {
         log "corpus: train ${train_data}, adapt ${adapt_data}, eval ${eval_data}"
         return
     fi
+    if [ "${corpus}" = librispeech ]; then
+        log "corpus: ${librispeech_dir} (stage 2 downloads ${train_part} ${test_parts} into ${download_dir} if it is absent)"
+        return
+    fi
     python -m pqm.recipes.fsdd --fsdd-dir "${fsdd_dir}" --download-dir "${download_dir}" > "${datadir}/corpus_dir"
     log "corpus: $(cat "${datadir}/corpus_dir")"
 }
@@ -137,6 +145,13 @@ stage2() {
     if [ "${corpus}" = custom ]; then
         python -m pqm.recipes.custom --train "${train_data}" --adapt "${adapt_data}" --eval "${eval_data}" \
             --datadir "${datadir}" --valid-fraction "${valid_fraction}"
+        return
+    fi
+    if [ "${corpus}" = librispeech ]; then
+        # shellcheck disable=SC2086
+        python -m pqm.recipes.librispeech --corpus-dir "${librispeech_dir}" --download-dir "${download_dir}" \
+            --datadir "${datadir}" --train-part "${train_part}" --test-parts ${test_parts} \
+            --train-utts "${train_utts}" --adapt-per-speaker "${adapt_per_speaker}"
         return
     fi
     need "${datadir}/corpus_dir" "stage 1"

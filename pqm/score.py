@@ -86,6 +86,16 @@ def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str],
     return systems
 
 
+def add_per_set(systems: dict, test_sets: dict[str, list[str]]) -> None:
+    """Add each system's WER per test set (e.g. LibriSpeech test-clean, test-other) from its per-speaker counts."""
+    for r in systems.values():
+        r["per_set"] = {}
+        for name, spks in test_sets.items():
+            counts = [r["per_speaker"][s] for s in spks if "wer" in r["per_speaker"].get(s, {})]
+            errors, words = sum(c["errors"] for c in counts), sum(c["words"] for c in counts)
+            r["per_set"][name] = {"wer": round(100 * errors / words, 2) if words else None, "errors": errors, "words": words}
+
+
 def markdown(results: dict) -> str:
     """The results as ESPnet-style markdown tables."""
     systems = results["systems"]
@@ -123,6 +133,12 @@ def markdown(results: dict) -> str:
             f"| {name} | {r['wer']:.2f} | {r['errors']} | {r['words']} | {rel_fp:+.1f} | {rel_nf4:+.1f} | "
             + " | ".join(cells) + " |"
         )
+    if results.get("test_sets"):
+        names = list(results["test_sets"])
+        lines += ["", "| system | " + " | ".join(f"{n} WER (%)" for n in names) + " |", "|---|" + "---:|" * len(names)]
+        for name, r in systems.items():
+            lines.append(f"| {name} | " + " | ".join(
+                "n/a" if r["per_set"][n]["wer"] is None else f"{r['per_set'][n]['wer']:.2f}" for n in names) + " |")
     incomplete = {n: r["missing"] for n, r in systems.items() if r.get("missing")}
     for name, missing in incomplete.items():
         lines.append(f"\n**{name}** is scored without speaker(s) {', '.join(sorted(missing))}: no adapter "
@@ -192,11 +208,16 @@ def main(argv: list[str] | None = None) -> None:
     lora = [
         read_json(f)["lora_params"] for f in sorted((a.expdir / "adapters" / "pqm").glob("*/pqm_adapter.json"))
     ] or [read_json(a.expdir / "sat" / "pqm_adapter.json", "stage 6 (SAT)")["lora_params"]]
+    test_sets = read_json(a.cuts.parent / "speakers.json", "stage 2 (manifests)").get("test_sets")
+    systems = score(a.expdir / "decode", refs, speakers, text_normaliser(a.model, a.expdir / "fp"))
+    if test_sets:
+        add_per_set(systems, test_sets)
     results = {
         "corpus": a.corpus,
         "model": a.model,
         "test_speakers": sorted(set(speakers.values())),
-        "systems": score(a.expdir / "decode", refs, speakers, text_normaliser(a.model, a.expdir / "fp")),
+        "systems": systems,
+        **({"test_sets": test_sets} if test_sets else {}),
         "size_bytes": size["size_bytes"],
         "params": {"base": size["params"], "lora_per_speaker": max(lora)},
         "stage_seconds": stage_seconds(a.expdir),

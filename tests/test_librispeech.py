@@ -1,0 +1,70 @@
+"""The LibriSpeech recipe on a small corpus in the real release layout, through lhotse's prepare_librispeech."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+from lhotse import CutSet, Recording
+
+from conftest import FSDD
+from pqm.fsutil import BadInput
+from pqm.recipes.librispeech import prepare
+from test_recipe import run_sh
+from test_whisper import WHISPER
+
+WORDS = "zero one two three four five six seven eight nine".split()
+READERS = {"train-clean-100": ("jackson", "19", "198"), "test-clean": ("george", "1089", "134686"),
+           "test-other": ("nicolas", "4294", "9934")}
+
+
+def write_librispeech(root: Path, per_reader: int = 6, readers: dict = READERS) -> Path:
+    """``LibriSpeech/<split>/<reader>/<chapter>/<reader>-<chapter>-NNNN.flac`` (16 kHz) plus ``*.trans.txt``."""
+    for split, (fsdd_speaker, reader, chapter) in readers.items():
+        folder = root / "LibriSpeech" / split / reader / chapter
+        folder.mkdir(parents=True)
+        lines = []
+        for i in range(per_reader):
+            utt = f"{reader}-{chapter}-{i:04d}"
+            rec = Recording.from_file(FSDD / "recordings" / f"{i % 10}_{fsdd_speaker}_{i // 10}.wav").resample(16000)
+            sf.write(folder / f"{utt}.flac", rec.load_audio()[0], 16000)
+            lines.append(f"{utt} {WORDS[i % 10].upper()}")
+        (folder / f"{reader}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+    return root / "LibriSpeech"
+
+
+def test_split_rule_and_readers(fsdd_dir, tmp_path):
+    corpus = write_librispeech(tmp_path)
+    test_sets = prepare(corpus, tmp_path / "m", "train-clean-100", ["test-clean", "test-other"], 0, 2)
+    assert test_sets == {"test-clean": ["1089"], "test-other": ["4294"]}
+    adapt = sorted(c.supervisions[0].id for c in CutSet.from_file(tmp_path / "m" / "librispeech_cuts_adapt.jsonl.gz"))
+    evaluation = sorted(c.supervisions[0].id for c in CutSet.from_file(tmp_path / "m" / "librispeech_cuts_eval.jsonl.gz"))
+    assert adapt == ["1089-134686-0000", "1089-134686-0001", "4294-9934-0000", "4294-9934-0001"]
+    assert len(evaluation) == 8 and not set(adapt) & set(evaluation)
+    assert json.loads((tmp_path / "m" / "speakers.json").read_text())["train"] == ["19"]
+
+
+def test_reader_in_training_and_test_is_refused(fsdd_dir, tmp_path):
+    readers = {**READERS, "test-other": ("nicolas", "19", "9934")}
+    corpus = write_librispeech(tmp_path, readers=readers)
+    with pytest.raises(BadInput, match="reader 19 of test-other is also in train-clean-100"):
+        prepare(corpus, tmp_path / "m", "train-clean-100", ["test-clean", "test-other"], 0, 2)
+
+
+def test_librispeech_recipe_with_whisper_end_to_end(fsdd_dir, tmp_path):
+    if not (WHISPER / "config.json").is_file():
+        pytest.skip(f"{WHISPER} is absent")
+    corpus = write_librispeech(tmp_path, per_reader=5)
+    exp = tmp_path / "exp"
+    run_sh("--corpus", "librispeech", "--librispeech-dir", str(corpus), "--datadir", str(tmp_path / "data"),
+           "--expdir", str(exp), "--model", "whisper", "--pretrained", str(WHISPER), "--adapt-per-speaker", "2",
+           "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true")
+    results = json.loads((exp / "results.json").read_text())
+    assert results["corpus"] == "librispeech" and results["test_speakers"] == ["1089", "4294"]
+    assert results["test_sets"] == {"test-clean": ["1089"], "test-other": ["4294"]}
+    for r in results["systems"].values():
+        assert r["words"] == 6 and set(r["per_set"]) == {"test-clean", "test-other"}
+        assert r["per_set"]["test-clean"]["words"] == 3
+    assert "test-clean WER (%)" in (exp / "RESULTS.md").read_text()
