@@ -7,7 +7,9 @@ valid, adapt, eval), lhotse recordings, supervisions and cuts, plus
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Iterable
 
 from lhotse import CutSet, RecordingSet, SupervisionSet
 
@@ -29,6 +31,16 @@ def write_set(manifest_dir: Path, corpus: str, name: str, recs: RecordingSet, su
         with atomic_path(manifest_path(manifest_dir, corpus, kind, name)) as tmp:
             manifest.to_file(tmp)
     return cuts
+
+
+def write_utterance_set(manifest_dir: Path, corpus: str, name: str, recs: Iterable, sups: Iterable) -> CutSet:
+    """Write one set of a corpus whose utterances are supervisions (whole files or segments): one cut each."""
+    sup_set = SupervisionSet.from_segments(sups)
+    used = {s.recording_id for s in sup_set}
+    rec_set = RecordingSet.from_recordings(r for r in recs if r.id in used)
+    cuts = CutSet.from_manifests(recordings=rec_set, supervisions=sup_set).trim_to_supervisions(keep_overlapping=False)
+    logging.info(f"{name}: {len(sup_set)} utterances of {len({s.speaker for s in sup_set})} speakers")
+    return write_set(manifest_dir, corpus, name, rec_set, sup_set, cuts)
 
 
 def write_speakers(manifest_dir: Path, train: list[str], test: list[str], **extra) -> None:

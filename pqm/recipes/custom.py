@@ -27,7 +27,7 @@ from lhotse import CutSet, RecordingSet, SupervisionSet
 from lhotse.kaldi import load_kaldi_data_dir
 
 from pqm.fsutil import BadInput, check_safe_id, cli, setup_logging
-from pqm.manifests import write_set, write_speakers
+from pqm.manifests import write_speakers, write_utterance_set
 
 CORPUS = "custom"
 
@@ -122,10 +122,7 @@ def prepare_custom(train: Path, adapt: Path, evaluation: Path, manifest_dir: Pat
     train_sups, valid_sups = split_valid(sups, valid_fraction)
     sets = {"train": (recs, train_sups), "valid": (recs, valid_sups), "adapt": inputs["adapt"], "eval": inputs["eval"]}
     for name, (recs, sups) in sets.items():
-        used = RecordingSet.from_recordings(r for r in recs if r.id in {s.recording_id for s in sups})
-        cuts = CutSet.from_manifests(recordings=used, supervisions=sups).trim_to_supervisions(keep_overlapping=False)
-        write_set(manifest_dir, CORPUS, name, used, sups, cuts)
-        logging.info(f"{name}: {len(sups)} utterances of {len({s.speaker for s in sups})} speakers")
+        write_utterance_set(manifest_dir, CORPUS, name, recs, sups)
     write_speakers(manifest_dir, speakers["train"], speakers["eval"])
     return speakers
 

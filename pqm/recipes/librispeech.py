@@ -16,18 +16,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from lhotse import CutSet, RecordingSet, SupervisionSet
 from lhotse.recipes import download_librispeech, prepare_librispeech
 
 from pqm.fsutil import BadInput, check_safe_id, cli, setup_logging
-from pqm.manifests import write_set, write_speakers
+from pqm.manifests import write_speakers, write_utterance_set
 
 CORPUS = "librispeech"
-
-
-def _subset(recs: RecordingSet, sups: list) -> tuple[RecordingSet, SupervisionSet]:
-    ids = {s.recording_id for s in sups}
-    return RecordingSet.from_recordings(r for r in recs if r.id in ids), SupervisionSet.from_segments(sups)
 
 
 def split_test_speaker(sups: list, adapt_per_speaker: int) -> tuple[list, list]:
@@ -68,12 +62,9 @@ def prepare(corpus_dir: Path, manifest_dir: Path, train_part: str, test_parts: l
             sets["eval"] += evaluation
             test_sets[part].append(spk)
         test_recs += list(parts[part]["recordings"])
-    recs["adapt"] = recs["eval"] = RecordingSet.from_recordings(test_recs)
+    recs["adapt"] = recs["eval"] = test_recs
     for name, sups in sets.items():
-        used_recs, sup_set = _subset(recs[name], sups)
-        cuts = CutSet.from_manifests(recordings=used_recs, supervisions=sup_set).trim_to_supervisions()
-        write_set(manifest_dir, CORPUS, name, used_recs, sup_set, cuts)
-        logging.info(f"{name}: {len(sups)} utterances of {len({s.speaker for s in sups})} readers")
+        write_utterance_set(manifest_dir, CORPUS, name, recs[name], sups)
     test_speakers = sorted(spk for spks in test_sets.values() for spk in spks)
     write_speakers(manifest_dir, train_speakers, test_speakers, test_sets=test_sets,
                    rule=f"first {adapt_per_speaker} utterances by id to adaptation, the rest to evaluation")
