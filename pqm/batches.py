@@ -13,18 +13,25 @@ from torch.nn.utils.rnn import pad_sequence
 from pqm.tokens import WordTokenizer
 
 
+def cut_batches(
+    cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+) -> SimpleCutSampler:
+    """lhotse's sampler for one epoch: lists of at most ``batch_size`` cuts.
+
+    With ``world_size`` > 1 it gives this ``rank`` its share of the batches,
+    the same number on every rank.
+    """
+    sampler = SimpleCutSampler(cuts, max_cuts=batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
 def iterate_batches(
     cuts: CutSet, tokenizer: WordTokenizer, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
     rank: int = 0, world_size: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield ``speech, speech_lengths, text, text_lengths`` batches (text padded with -1).
-
-    With ``world_size`` > 1, lhotse's sampler gives this ``rank`` its share of
-    the batches, the same number on every rank.
-    """
-    sampler = SimpleCutSampler(cuts, max_cuts=batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
-    sampler.set_epoch(epoch)
-    for batch in sampler:
+    """Yield ``speech, speech_lengths, text, text_lengths`` batches (text padded with -1) of :func:`cut_batches`."""
+    for batch in cut_batches(cuts, batch_size, epoch, seed, shuffle, rank, world_size):
         speech, speech_lengths = collate_audio(batch)
         ids = [torch.tensor(tokenizer.encode(c.supervisions[0].text or "", where=f"cut {c.id}")) for c in batch]
         yield {

@@ -54,8 +54,8 @@ def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str],
         per_speaker, all_refs, all_hyps, fallbacks, missing = {}, [], [], {}, {}
         for spk in sorted(set(speakers.values())):
             spk_dir = decode_dir / system / spk
-            info_file = spk_dir / "info.json"
-            if info_file.exists() and "missing" in (info := read_json(info_file)):
+            info = read_json(spk_dir / "info.json", "stage 8 (decoding)")
+            if "missing" in info:
                 per_speaker[spk] = {"missing": info["missing"]}
                 missing[spk] = info["missing"]
                 continue
@@ -71,7 +71,6 @@ def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str],
                 raise BadInput(f"the transcript of {empty[0]} normalises to nothing ({refs[empty[0]]!r}): "
                                "fix or drop it in the corpus")
             per_speaker[spk] = count_errors(r, h)
-            info = read_json(info_file, "stage 8 (decoding)")
             if info.get("fallback"):
                 per_speaker[spk]["fallback"] = info["fallback"]
                 fallbacks[spk] = info["fallback"]

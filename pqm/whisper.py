@@ -19,9 +19,9 @@ from typing import Callable, Iterator
 
 import torch
 from lhotse import CutSet
-from lhotse.dataset.sampling import SimpleCutSampler
 from tqdm import tqdm
 
+from pqm.batches import cut_batches
 from pqm.fsutil import BadInput, atomic_path, cli, require, setup_logging
 
 FP_MADE_BY = "stage 4 (load the pretrained Whisper model)"
@@ -118,9 +118,7 @@ def batch_iterator(fp_dir: Path) -> Callable[..., Iterator[dict[str, torch.Tenso
     start = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
 
     def iterate(cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
-        sampler = SimpleCutSampler(cuts, max_cuts=batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size)
-        sampler.set_epoch(epoch)
-        for batch in sampler:
+        for batch in cut_batches(cuts, batch_size, epoch, seed, rank=rank, world_size=world_size):
             texts = []
             for c in batch:
                 text = (c.supervisions[0].text or "").strip()
