@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# pqm recipe: personalised NF4 ASR. Default: connected digits (FSDD); --corpus custom: your own Kaldi dirs.
-#   1 corpus  2 lhotse manifests  3 ESPnet data + stats  4 train/load Conformer
+# pqm recipe: personalised NF4 ASR. Default: connected digits (FSDD); --corpus librispeech|tedlium3|custom (egs/<corpus>).
+#   1 corpus  2 lhotse manifests  3 ESPnet data, tokens + stats  4 train/load the model
 #   5 NF4  6 SAT LoRA  7 per-speaker LoRA  8 decode all systems  9 score
 # Usage: ./run.sh [--stage N] [--stop-stage M] [--nj J] [--option value ...]
 set -euo pipefail
@@ -19,11 +19,12 @@ seed=0                  # random seed for data, training and adaptation
 device=cpu              # cpu or cuda
 ngpu=1                  # with --device cuda: GPUs for training (stage 4: ESPnet's multi-GPU; stage 6: torchrun)
 sat_nproc=0             # stage 6 processes under torchrun with DDP (0: ngpu on cuda, 1 on cpu; >1 on cpu uses gloo)
-corpus=fsdd             # fsdd (the default digit task), librispeech (egs/librispeech) or custom (--train-data, --adapt-data, --eval-data)
+corpus=fsdd             # fsdd (the default digit task), librispeech, tedlium3 or custom (--train-data, --adapt-data, --eval-data)
 librispeech_dir=downloads/LibriSpeech  # librispeech: the corpus folder; downloaded into download_dir when absent
 train_part=train-clean-100   # librispeech: SAT (and Conformer training) part
 test_parts="test-clean test-other"  # librispeech: test speakers = their readers
-train_utts=0            # librispeech: first N training utterances by id (0: all)
+train_utts=0            # librispeech, tedlium3: first N training utterances by id (0: all)
+tedlium_dir=downloads/TEDLIUM_release-3  # tedlium3: the corpus folder (with legacy/); downloaded into download_dir when absent
 train_data=""           # custom: training set, a Kaldi data dir (wav.scp, text, utt2spk[, segments]) or lhotse cuts
 adapt_data=""           # custom: the test speakers' adaptation set
 eval_data=""            # custom: the test speakers' evaluation set (its speakers are the test speakers)
@@ -37,6 +38,8 @@ adapt_per_digit=20      # test speakers: recordings with index < this are for ad
 adapt_per_speaker=100   # adaptation utterances drawn per test speaker
 max_digits=7            # digits per utterance: 1..max_digits
 train_config=conf/train_conformer.yaml
+token_type=""           # conformer tokens: word or bpe (sentencepiece unigram); default: word for fsdd, bpe otherwise
+nbpe=500                # token_type bpe: vocabulary size
 max_epoch=12            # Conformer training epochs
 nf4_blocksize=64
 nf4_double_quant=true
@@ -75,12 +78,22 @@ esac
 lora_targets=${lora_targets:-${lora_default_targets}}
 expdir=${expdir:-exp/${corpus}_${model}}
 case "${corpus}" in
-    fsdd|librispeech) ;;
+    fsdd|librispeech|tedlium3) ;;
     custom) for opt in train_data adapt_data eval_data; do
                 [ -e "${!opt}" ] || die "--corpus custom needs --${opt//_/-} (a Kaldi data dir or lhotse cuts); got '${!opt}'"
             done ;;
-    *) die "--corpus ${corpus}: use fsdd, librispeech or custom" ;;
+    *) die "--corpus ${corpus}: use fsdd, librispeech, tedlium3 or custom" ;;
 esac
+token_type=${token_type:-$([ "${corpus}" = fsdd ] && echo word || echo bpe)}
+case "${token_type}" in
+    word) token_dir=${datadir}/token_list/word ;;
+    bpe) token_dir=${datadir}/token_list/bpe_unigram${nbpe} ;;
+    *) die "--token-type ${token_type}: use word or bpe" ;;
+esac
+if [ "${corpus}" = tedlium3 ] && ! command -v sph2pipe > /dev/null; then
+    # lhotse reads .sph with sph2pipe; without it, libsndfile reads TED-LIUM's uncompressed NIST SPHERE files.
+    export LHOTSE_AUDIO_BACKEND=LibsndfileBackend
+fi
 [[ "${stage}" =~ ^[1-9]$ && "${stop_stage}" =~ ^[1-9]$ ]] || die "--stage/--stop-stage must be 1..9"
 for opt in nj ngpu; do
     [[ "${!opt}" =~ ^[1-9][0-9]*$ ]] || die "--${opt} ${!opt}: a positive integer is needed"
@@ -101,7 +114,6 @@ cuts() { echo "${manifests}/${corpus}_cuts_$1.jsonl.gz"; }  # stage 2's lhotse c
 speaker_list=${expdir}/test_speakers.txt
 opts_nf4=(--fp-dir "${expdir}/fp" --nf4-dir "${expdir}/nf4" --device "${device}")
 opts_lora=(--lora-r "${lora_r}" --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}" --seed "${seed}")
-[ "${model}" = conformer ] && opts_lora+=(--token-list "${datadir}/token_list/word/tokens.txt")
 
 # run_stage N "title" function: runs a stage unless its done marker exists,
 # logs to ${expdir}/log/stageN.log, records its wall time, invalidates later stages.
@@ -137,6 +149,11 @@ stage1() {
         log "corpus: ${librispeech_dir} (stage 2 downloads ${train_part} ${test_parts} into ${download_dir} if it is absent)"
         return
     fi
+    if [ "${corpus}" = tedlium3 ]; then
+        log "corpus: ${tedlium_dir} (stage 2 downloads TED-LIUM 3 into ${download_dir} if it is absent)"
+        [ -z "${LHOTSE_AUDIO_BACKEND:-}" ] || log "no sph2pipe on PATH: reading .sph with ${LHOTSE_AUDIO_BACKEND}"
+        return
+    fi
     python -m pqm.recipes.fsdd --fsdd-dir "${fsdd_dir}" --download-dir "${download_dir}" > "${datadir}/corpus_dir"
     log "corpus: $(cat "${datadir}/corpus_dir")"
 }
@@ -154,6 +171,11 @@ stage2() {
             --train-utts "${train_utts}" --adapt-per-speaker "${adapt_per_speaker}"
         return
     fi
+    if [ "${corpus}" = tedlium3 ]; then
+        python -m pqm.recipes.tedlium3 --corpus-dir "${tedlium_dir}" --download-dir "${download_dir}" \
+            --datadir "${datadir}" --train-utts "${train_utts}" --adapt-per-speaker "${adapt_per_speaker}"
+        return
+    fi
     need "${datadir}/corpus_dir" "stage 1"
     # shellcheck disable=SC2086
     python -m pqm.prepare --corpus-dir "$(cat "${datadir}/corpus_dir")" --datadir "${datadir}" \
@@ -162,12 +184,13 @@ stage2() {
         --adapt-per-speaker "${adapt_per_speaker}" --max-digits "${max_digits}" --seed "${seed}"
 }
 
-espnet_data_opts=(--use_preprocessor true --token_type word --token_list "${datadir}/token_list/word/tokens.txt"
+espnet_data_opts=(--use_preprocessor true --token_type "${token_type}" --token_list "${token_dir}/tokens.txt"
     --train_data_path_and_name_and_type "${datadir}/train/wav.scp,speech,sound"
     --train_data_path_and_name_and_type "${datadir}/train/text,text,text"
     --valid_data_path_and_name_and_type "${datadir}/valid/wav.scp,speech,sound"
     --valid_data_path_and_name_and_type "${datadir}/valid/text,text,text"
     --config "${train_config}" --frontend_conf fs=16k)
+[ "${token_type}" = bpe ] && espnet_data_opts+=(--bpemodel "${token_dir}/bpe.model")
 if [ "${device}" = cuda ]; then
     espnet_data_opts+=(--ngpu "${ngpu}")
     [ "${ngpu}" -gt 1 ] && espnet_data_opts+=(--multiprocessing_distributed true)
@@ -184,7 +207,7 @@ stage3() {
         log "Whisper brings its own tokenizer and features: nothing to prepare"
         return
     fi
-    python -m pqm.espnet_data --datadir "${datadir}" --corpus "${corpus}"
+    python -m pqm.espnet_data --datadir "${datadir}" --corpus "${corpus}" --token-type "${token_type}" --nbpe "${nbpe}"
     rm -rf "${expdir}/asr_stats"
     python -m espnet2.bin.asr_train --collect_stats true "${espnet_data_opts[@]}" \
         --train_shape_file "${datadir}/train/wav.scp" --valid_shape_file "${datadir}/valid/wav.scp" \
@@ -269,7 +292,7 @@ stage9() {
 }
 
 run_stage 1 "get the corpus" stage1
-run_stage 2 "lhotse manifests and connected-digit utterances" stage2
+run_stage 2 "lhotse manifests (and the speaker split)" stage2
 run_stage 3 "ESPnet data dirs, token list, feature statistics" stage3
 run_stage 4 "train or load the ${model} model" stage4
 run_stage 5 "NF4 quantisation" stage5

@@ -182,7 +182,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fp-dir", type=Path, required=True, help="full-precision model (stage 4)")
     p.add_argument("--nf4-dir", type=Path, required=True, help="NF4 model (stage 5)")
     p.add_argument("--cuts", type=Path, required=True, help="lhotse cuts to train on")
-    p.add_argument("--token-list", type=Path, default=None, help="ESPnet models: the word token list (stage 3)")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     p.add_argument("--speaker", default=None, help="train on this speaker's cuts only")
     p.add_argument("--speaker-list", type=Path, default=None, help="with --job N: take line N of this file as --speaker")
@@ -237,8 +236,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         return
     if ranks.main:
         (out / "fallback.json").unlink(missing_ok=True)
-    token_list = require(a.token_list, "stage 3 (token list)") if a.token_list else None
-    batches_of = batch_iterator(a.fp_dir, token_list)
+    batches_of = batch_iterator(a.fp_dir)
     start = time.time()
     model = build_model(a.fp_dir, device=a.device)
     base_params = count_params(model)

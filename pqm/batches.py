@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+import logging
+from typing import Iterable, Iterator
 
 import torch
 from lhotse import CutSet
@@ -10,7 +11,10 @@ from lhotse.dataset.collation import collate_audio
 from lhotse.dataset.sampling import SimpleCutSampler
 from torch.nn.utils.rnn import pad_sequence
 
-from pqm.tokens import WordTokenizer
+from pqm.tokens import TokenEncoder
+
+SAMPLING_RATE = 16000
+_resampled_from: set[int] = set()
 
 
 def cut_batches(
@@ -26,13 +30,26 @@ def cut_batches(
     return sampler
 
 
+def at_16k(cuts: Iterable) -> list:
+    """The cuts at 16 kHz, the rate every model here takes: others are resampled (and said so once per rate)."""
+    out = []
+    for cut in cuts:
+        if cut.sampling_rate != SAMPLING_RATE:
+            if cut.sampling_rate not in _resampled_from:
+                logging.warning(f"audio at {cut.sampling_rate} Hz (e.g. {cut.id}): resampling to {SAMPLING_RATE} Hz")
+                _resampled_from.add(cut.sampling_rate)
+            cut = cut.resample(SAMPLING_RATE)
+        out.append(cut)
+    return out
+
+
 def iterate_batches(
-    cuts: CutSet, tokenizer: WordTokenizer, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
+    cuts: CutSet, tokenizer: TokenEncoder, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
     rank: int = 0, world_size: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield ``speech, speech_lengths, text, text_lengths`` batches (text padded with -1) of :func:`cut_batches`."""
     for batch in cut_batches(cuts, batch_size, epoch, seed, shuffle, rank, world_size):
-        speech, speech_lengths = collate_audio(batch)
+        speech, speech_lengths = collate_audio(CutSet.from_cuts(at_16k(batch)))
         ids = [torch.tensor(tokenizer.encode(c.supervisions[0].text or "", where=f"cut {c.id}")) for c in batch]
         yield {
             "speech": speech,

@@ -17,7 +17,6 @@ from lhotse import CutSet
 
 from pqm import model_io, whisper
 from pqm.batches import iterate_batches
-from pqm.tokens import WordTokenizer, read_token_list
 
 FAMILIES = ("conformer", "whisper")
 
@@ -61,13 +60,11 @@ def default_lora_targets(fp_dir: Path) -> str:
     return whisper.DEFAULT_TARGETS if family_of(fp_dir) == "whisper" else DEFAULT_TARGETS
 
 
-def batch_iterator(fp_dir: Path, token_list: Path | None) -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
+def batch_iterator(fp_dir: Path) -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
     """``iterate(cuts, batch_size, epoch, seed, rank, world_size)`` yielding keyword arguments of the model's forward."""
     if family_of(fp_dir) == "whisper":
         return whisper.batch_iterator(fp_dir)
-    if token_list is None:
-        raise ValueError("an ESPnet model needs its token list (--token-list)")
-    tokenizer = WordTokenizer(read_token_list(token_list))
+    tokenizer = model_io.token_encoder(fp_dir)
 
     def iterate(cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
         return iterate_batches(cuts, tokenizer, batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size)

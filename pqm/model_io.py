@@ -19,8 +19,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from pqm.batches import at_16k
 from pqm.fsutil import BadInput, atomic_path, cli, read_json, require, setup_logging, write_json
 from pqm.nf4 import NF4Config, compact_state_dict, fingerprint, load_nf4_state_dict, quantize_model
+from pqm.tokens import TokenEncoder
 
 FP_MADE_BY = "stage 4 (train or load the model)"
 NF4_MADE_BY = "stage 5 (NF4 quantisation)"
@@ -30,7 +32,8 @@ def export_fp_model(config: Path, checkpoint: Path, out_dir: Path) -> None:
     """Write ESPnet's ``config.yaml`` and a ``.pth`` state dict as ``out_dir/{config.yaml,model.safetensors}``.
 
     ``checkpoint`` may be a ``.pth`` (loaded with ``weights_only=True``) or a ``.safetensors`` file.
-    The feature-statistics file the config names is copied beside it so the folder is self-contained.
+    The files the config names (feature statistics, sentencepiece model) are
+    copied beside it, so the folder is self-contained.
     """
     require(config, FP_MADE_BY)
     require(checkpoint, FP_MADE_BY)
@@ -43,14 +46,22 @@ def export_fp_model(config: Path, checkpoint: Path, out_dir: Path) -> None:
         tmp.mkdir()
         stats = (args.get("normalize_conf") or {}).get("stats_file")
         if stats:
-            candidates = [Path(stats), config.parent / stats, config.parent.parent / stats, config.parent / Path(stats).name]
-            found = next((c for c in candidates if c.is_file()), candidates[0])
-            shutil.copy(require(found, "stage 3 (feature statistics)"), tmp / "feats_stats.npz")
+            shutil.copy(_named_file(config, stats, "stage 3 (feature statistics)"), tmp / "feats_stats.npz")
             args["normalize_conf"]["stats_file"] = "feats_stats.npz"
+        if args.get("token_type") == "bpe":
+            shutil.copy(_named_file(config, args.get("bpemodel") or "bpe.model", "stage 3 (token list)"), tmp / "bpe.model")
+            args["bpemodel"] = "bpe.model"
         (tmp / "config.yaml").write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
         state = canonical_buffers(state, build_model(tmp, load_weights=False))
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     logging.info(f"exported the full-precision model to {out_dir}")
+
+
+def _named_file(config: Path, name: str, made_by: str) -> Path:
+    """A file an ESPnet config names: as given (relative to the cwd, as ESPnet writes it), or
+    relative to the config's folder or the one above (an unpacked model-zoo folder), or beside the config."""
+    candidates = [Path(name), config.parent / name, config.parent.parent / name, config.parent / Path(name).name]
+    return require(next((c for c in candidates if c.is_file()), candidates[0]), made_by)
 
 
 def canonical_buffers(state: dict[str, torch.Tensor], fresh: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -74,16 +85,30 @@ def canonical_buffers(state: dict[str, torch.Tensor], fresh: torch.nn.Module) ->
 
 
 def _resolved_config(fp_dir: Path) -> Path:
-    """Return a config whose stats path is absolute (ESPnet reads it relative to the cwd)."""
+    """Return a config whose stats and sentencepiece paths are absolute (ESPnet reads them relative to the cwd)."""
     args = yaml.safe_load(require(fp_dir / "config.yaml", FP_MADE_BY).read_text(encoding="utf-8"))
     stats = (args.get("normalize_conf") or {}).get("stats_file")
     if stats and not Path(stats).is_absolute():
         args["normalize_conf"]["stats_file"] = str((fp_dir / stats).resolve())
+    if args.get("bpemodel") and not Path(args["bpemodel"]).is_absolute():
+        args["bpemodel"] = str((fp_dir / args["bpemodel"]).resolve())
     resolved = fp_dir / ".config.resolved.yaml"
     if not resolved.exists() or resolved.read_text(encoding="utf-8") != yaml.safe_dump(args, sort_keys=False):
         with atomic_path(resolved) as tmp:
             tmp.write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
     return resolved
+
+
+def token_encoder(fp_dir: Path) -> TokenEncoder:
+    """Text -> token ids exactly as the model in ``fp_dir`` was trained (its config's token list and type)."""
+    args = yaml.safe_load(_resolved_config(fp_dir).read_text(encoding="utf-8"))
+    token_type = args.get("token_type", "word")
+    bpemodel = None
+    if token_type == "bpe":
+        if not args.get("bpemodel"):
+            raise BadInput(f"{fp_dir}/config.yaml: token_type bpe but no bpemodel; rerun {FP_MADE_BY}")
+        bpemodel = require(Path(args["bpemodel"]), FP_MADE_BY)
+    return TokenEncoder(list(args["token_list"]), token_type, bpemodel)
 
 
 def build_speech2text(fp_dir: Path, device: str = "cpu", **decode_opts):
@@ -108,7 +133,7 @@ class EspnetRecognizer:
         """Return ``{utterance id: best hypothesis}``."""
         hyps = {}
         with torch.no_grad():
-            for cut in tqdm(cuts, desc=desc, unit="utt", mininterval=5):
+            for cut in tqdm(at_16k(cuts), desc=desc, unit="utt", mininterval=5):
                 nbest = self.s2t(torch.from_numpy(cut.load_audio()[0]))
                 hyps[cut.id] = nbest[0][0] if nbest else ""
         return hyps

@@ -21,12 +21,11 @@ import torch
 from lhotse import CutSet
 from tqdm import tqdm
 
-from pqm.batches import cut_batches
+from pqm.batches import SAMPLING_RATE, at_16k, cut_batches
 from pqm.fsutil import BadInput, atomic_path, cli, require, setup_logging
 
 FP_MADE_BY = "stage 4 (load the pretrained Whisper model)"
 DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
-SAMPLING_RATE = 16000
 TOKEN_EMBEDDING, TIED_OUTPUT = "model.decoder.embed_tokens", "proj_out"
 # Left in full precision by NF4: the output projection, which shares its weight with
 # the token embedding (both are quantised together only with --embeddings true),
@@ -89,19 +88,9 @@ def tied_keys(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-_resampled_from: set[int] = set()
-
-
 def _features(processor, cuts: list) -> torch.Tensor:
-    """Whisper's log-mel input features; audio at another rate is resampled (and said so once)."""
-    audio = []
-    for cut in cuts:
-        if cut.sampling_rate != SAMPLING_RATE:
-            if cut.sampling_rate not in _resampled_from:
-                logging.warning(f"audio at {cut.sampling_rate} Hz (e.g. {cut.id}): resampling to {SAMPLING_RATE} Hz for Whisper")
-                _resampled_from.add(cut.sampling_rate)
-            cut = cut.resample(SAMPLING_RATE)
-        audio.append(cut.load_audio()[0])
+    """Whisper's log-mel input features of 16 kHz audio."""
+    audio = [cut.load_audio()[0] for cut in at_16k(cuts)]
     return processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
 
 

@@ -44,7 +44,8 @@ def build_tiny_fp_dir(out: Path, seed: int = 0) -> Path:
     from espnet2.tasks.asr import ASRTask
 
     parser = ASRTask.get_parser()
-    args = parser.parse_args(["--config", str(TINY_CONFIG), "--token_list", "x", "--frontend_conf", "fs=16k"])
+    args = parser.parse_args(["--config", str(TINY_CONFIG), "--token_list", "x", "--token_type", "word",
+                              "--frontend_conf", "fs=16k"])
     args.token_list = list(TOKENS)
     torch.manual_seed(seed)
     model = ASRTask.build_model(args)
@@ -57,13 +58,6 @@ def build_tiny_fp_dir(out: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_fp_dir(tmp_path_factory) -> Path:
     return build_tiny_fp_dir(tmp_path_factory.mktemp("tiny") / "fp")
-
-
-@pytest.fixture(scope="session")
-def token_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tokens") / "tokens.txt"
-    path.write_text("\n".join(TOKENS) + "\n", encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")

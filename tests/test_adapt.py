@@ -21,7 +21,7 @@ from pqm.recipes.fsdd import prepare_fsdd
 
 
 @pytest.fixture(scope="module")
-def setup(fsdd_dir, tiny_fp_dir, token_file, tmp_path_factory):
+def setup(fsdd_dir, tiny_fp_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapt")
     corpus = prepare_fsdd(make_fsdd_subset(tmp / "fsdd", ["george", "jackson"], per_digit=4))
     cfg = DigitTaskConfig(train_speakers=["jackson"], test_speakers=["george"], train_per_speaker=8,
@@ -30,13 +30,13 @@ def setup(fsdd_dir, tiny_fp_dir, token_file, tmp_path_factory):
     model = build_model(tiny_fp_dir)
     rebuilt = rebuilt_buffers(tiny_fp_dir, model)
     save_nf4(model, NF4Config(), quantize_model(model), tmp / "nf4", rebuilt)
-    return tmp, tiny_fp_dir, token_file
+    return tmp, tiny_fp_dir
 
 
 def _cmd(setup, out, epochs=6):
-    tmp, fp_dir, tokens = setup
+    tmp, fp_dir = setup
     return [sys.executable, "-m", "pqm.adapt", "--fp-dir", str(fp_dir), "--nf4-dir", str(tmp / "nf4"),
-            "--cuts", str(tmp / "manifests" / "fsdd_cuts_adapt.jsonl.gz"), "--token-list", str(tokens),
+            "--cuts", str(tmp / "manifests" / "fsdd_cuts_adapt.jsonl.gz"),
             "--speaker", "george", "--epochs", str(epochs), "--batch-size", "4", "--lr", "0.01", "--out", str(out)]
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 
 from conftest import FSDD
 from pqm.fsutil import BadInput
@@ -65,13 +66,25 @@ def test_test_speaker_in_training_is_refused(dirs, tmp_path):
         prepare_custom(dirs["eval"], dirs["adapt"], dirs["eval"], tmp_path / "m")
 
 
-def test_conformer_refuses_8khz_audio_and_whisper_runs_end_to_end(dirs, tmp_path):
+def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, tmp_path):
     if not (WHISPER / "config.json").is_file():
         pytest.skip(f"{WHISPER} is absent")
     data = ["--corpus", "custom", "--train-data", str(dirs["train"]), "--adapt-data", str(dirs["adapt"]),
             "--eval-data", str(dirs["eval"]), "--datadir", str(tmp_path / "data")]
-    proc = run_sh(*data, "--expdir", str(tmp_path / "conformer"), "--stop-stage", "3", check=False)
-    assert proc.returncode != 0 and "not a whole 16000 Hz recording" in proc.stdout + proc.stderr
+    train = write_kaldi_dir(tmp_path / "train2", "jackson", range(10), 1)  # each word twice: one can be held out
+    for name in ("wav.scp", "text", "utt2spk"):
+        (train / name).write_text((dirs["train"] / name).read_text() + (train / name).read_text())
+    conformer = ["--corpus", "custom", "--train-data", str(train), "--adapt-data", str(dirs["adapt"]),
+                 "--eval-data", str(dirs["eval"]), "--datadir", str(tmp_path / "cdata"),
+                 "--expdir", str(tmp_path / "conformer"), "--stop-stage", "3"]
+    proc = run_sh(*conformer, check=False)  # BPE by default: 500 pieces from 10 words is too many
+    assert proc.returncode != 0 and "choose a smaller --nbpe" in proc.stdout + proc.stderr
+    run_sh(*conformer, "--token-type", "word")
+    wav_scp = dict(line.split() for line in (tmp_path / "cdata" / "train" / "wav.scp").read_text().splitlines())
+    utt, path = sorted(wav_scp.items())[0]  # the 8 kHz recording, written out at 16 kHz for ESPnet
+    original = sf.info(str(FSDD / "recordings" / f"{utt.split('-')[1]}_jackson_{utt.split('-')[2]}.wav"))
+    assert original.samplerate == 8000 and sf.info(path).samplerate == 16000
+    assert sf.info(path).duration == pytest.approx(original.duration, abs=1e-3)
 
     exp = tmp_path / "whisper"
     run_sh(*data, "--expdir", str(exp), "--model", "whisper", "--pretrained", str(WHISPER), "--sat-utts", "4",

@@ -9,7 +9,7 @@ from conftest import make_fsdd_subset
 from pqm.connected_digits import DigitTaskConfig, make_connected_digits, plan_utterances
 from pqm.fsutil import BadInput, MissingInput, check_safe_id
 from pqm.recipes.fsdd import prepare_fsdd
-from pqm.tokens import WordTokenizer, build_token_list
+from pqm.tokens import TokenEncoder, build_token_list
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,9 @@ def test_missing_corpus(tmp_path):
 
 
 def test_tokenizer_refuses_unknown_and_empty():
-    tok = WordTokenizer(build_token_list(["one two", "three"]))
-    assert tok.encode("two one") == [tok.index["two"], tok.index["one"]]
+    tokens = build_token_list(["one two", "three"])
+    tok = TokenEncoder(tokens)
+    assert tok.encode("two one") == [tokens.index("two"), tokens.index("one")]
     with pytest.raises(BadInput, match="eleven"):
         tok.encode("one eleven", where="utt1 in text")
     with pytest.raises(BadInput, match="empty"):
