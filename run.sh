@@ -221,10 +221,10 @@ stage4() {
     fi
     if [ -n "${pretrained}" ]; then
         local ckpt="" candidate
-        for candidate in model.safetensors valid.acc.ave.pth valid.acc.best.pth model.pth; do
+        for candidate in model.safetensors valid.acc.ave.pth valid.acc.ave_10best.pth valid.acc.best.pth model.pth; do
             if [ -f "${pretrained}/${candidate}" ]; then ckpt=${pretrained}/${candidate}; break; fi
         done
-        [ -n "${ckpt}" ] || die "--pretrained ${pretrained}: no model.safetensors, valid.acc.ave.pth, valid.acc.best.pth or model.pth in it"
+        [ -n "${ckpt}" ] || die "--pretrained ${pretrained}: no model.safetensors, valid.acc.ave.pth, valid.acc.ave_10best.pth, valid.acc.best.pth or model.pth in it"
         [ -f "${pretrained}/config.yaml" ] || die "--pretrained ${pretrained}: no config.yaml (ESPnet's training config) in it"
         python -m pqm.model_io --config "${pretrained}/config.yaml" --checkpoint "${ckpt}" --out "${expdir}/fp"
         return

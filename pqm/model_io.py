@@ -58,9 +58,9 @@ def export_fp_model(config: Path, checkpoint: Path, out_dir: Path) -> None:
 
 
 def _named_file(config: Path, name: str, made_by: str) -> Path:
-    """A file an ESPnet config names: as given (relative to the cwd, as ESPnet writes it), or
-    relative to the config's folder or the one above (an unpacked model-zoo folder), or beside the config."""
-    candidates = [Path(name), config.parent / name, config.parent.parent / name, config.parent / Path(name).name]
+    """A file an ESPnet config names: as given (relative to the cwd, as ESPnet writes it), or relative
+    to the config's folder or one of the two above it (an unpacked model-zoo folder), or beside the config."""
+    candidates = [Path(name), *(folder / name for folder in config.parents[:3]), config.parent / Path(name).name]
     return require(next((c for c in candidates if c.is_file()), candidates[0]), made_by)
 
 

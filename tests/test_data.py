@@ -9,7 +9,7 @@ from conftest import make_fsdd_subset
 from pqm.connected_digits import DigitTaskConfig, make_connected_digits, plan_utterances
 from pqm.fsutil import BadInput, MissingInput, check_safe_id
 from pqm.recipes.fsdd import prepare_fsdd
-from pqm.tokens import TokenEncoder, build_token_list
+from pqm.tokens import TokenEncoder, build_token_list, train_bpe
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,36 @@ def test_tokenizer_refuses_unknown_and_empty():
         tok.encode("one eleven", where="utt1 in text")
     with pytest.raises(BadInput, match="empty"):
         tok.encode("  ")
+
+
+def test_bpe_token_list_and_encoder(tmp_path):
+    texts = ["one two three", "four five six", "seven eight nine zero", "two four six eight"] * 5
+    tokens = train_bpe(texts, 25, tmp_path)
+    assert tokens[:2] == ["<blank>", "<unk>"] and tokens[-1] == "<sos/eos>" and len(tokens) <= 28
+    assert (tmp_path / "bpe.model").is_file() and (tmp_path / "tokens.txt").read_text().split() == tokens
+    tok = TokenEncoder(tokens, "bpe", tmp_path / "bpe.model")
+    ids = tok.encode("nine one")
+    assert ids and all(0 < i < len(tokens) - 1 for i in ids) and tokens.index("<unk>") not in ids
+    assert "".join(tokens[i] for i in ids).replace("▁", " ").strip() == "nine one"
+    with pytest.raises(BadInput, match="characters unseen in training"):
+        tok.encode("one qux")
+    with pytest.raises(BadInput, match="choose a smaller --nbpe"):
+        train_bpe(texts, 500, tmp_path / "big")
+
+
+def test_model_zoo_paths_are_found(tmp_path, monkeypatch):
+    """An unpacked ESPnet model-zoo folder names its files relative to its root, two folders above config.yaml."""
+    from pqm.model_io import _named_file
+
+    config = tmp_path / "zoo" / "exp" / "asr_train" / "config.yaml"
+    bpe = tmp_path / "zoo" / "data" / "token_list" / "bpe_unigram500" / "bpe.model"
+    for f in (config, bpe):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert _named_file(config, "data/token_list/bpe_unigram500/bpe.model", "stage 3") == bpe
+    with pytest.raises(MissingInput, match="stage 3"):
+        _named_file(config, "data/token_list/other/bpe.model", "stage 3")
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "", "-rf", "a b", "x;rm", "é"])

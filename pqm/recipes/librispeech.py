@@ -12,22 +12,15 @@ no more utterances than that is left out of the test speakers (logged).
 
 from __future__ import annotations
 
-import argparse
-import logging
 from pathlib import Path
 
 from lhotse.recipes import download_librispeech, prepare_librispeech
 
-from pqm.fsutil import BadInput, check_safe_id, cli, setup_logging
+from pqm.fsutil import BadInput, cli, setup_logging
 from pqm.manifests import write_speakers, write_utterance_set
+from pqm.recipes.speakers import corpus_or_download, recipe_parser, split_test_speakers
 
 CORPUS = "librispeech"
-
-
-def split_test_speaker(sups: list, adapt_per_speaker: int) -> tuple[list, list]:
-    """First ``adapt_per_speaker`` utterances by id to adaptation, the rest to evaluation."""
-    ordered = sorted(sups, key=lambda s: s.id)
-    return ordered[:adapt_per_speaker], ordered[adapt_per_speaker:]
 
 
 def prepare(corpus_dir: Path, manifest_dir: Path, train_part: str, test_parts: list[str], train_utts: int,
@@ -47,20 +40,11 @@ def prepare(corpus_dir: Path, manifest_dir: Path, train_part: str, test_parts: l
     test_sets: dict[str, list[str]] = {}
     test_recs = []
     for part in test_parts:
-        by_speaker: dict[str, list] = {}
-        for s in parts[part]["supervisions"]:
-            by_speaker.setdefault(check_safe_id(s.speaker), []).append(s)
-        test_sets[part] = []
-        for spk, sups in sorted(by_speaker.items()):
-            if spk in train_speakers:
-                raise BadInput(f"reader {spk} of {part} is also in {train_part}: a test speaker must be unseen")
-            adapt, evaluation = split_test_speaker(sups, adapt_per_speaker)
-            if not evaluation:
-                logging.warning(f"{part}: reader {spk} has only {len(sups)} utterances, none left to evaluate: left out")
-                continue
-            sets["adapt"] += adapt
-            sets["eval"] += evaluation
-            test_sets[part].append(spk)
+        adapt, evaluation, test_sets[part] = split_test_speakers(
+            parts[part]["supervisions"], set(train_speakers), adapt_per_speaker, order=lambda s: s.id,
+            what="reader", part=part, train_part=train_part)
+        sets["adapt"] += adapt
+        sets["eval"] += evaluation
         test_recs += list(parts[part]["recordings"])
     recs["adapt"] = recs["eval"] = test_recs
     for name, sups in sets.items():
@@ -72,22 +56,13 @@ def prepare(corpus_dir: Path, manifest_dir: Path, train_part: str, test_parts: l
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus-dir", type=Path, required=True, help="the LibriSpeech folder (with train-clean-100/, ...)")
-    p.add_argument("--download-dir", type=Path, default=None, help="download the parts here when --corpus-dir is absent")
-    p.add_argument("--datadir", type=Path, required=True, help="output: <datadir>/manifests")
+    p = recipe_parser(__doc__, "the LibriSpeech folder (with train-clean-100/, ...)", adapt_default=20)
     p.add_argument("--train-part", default="train-clean-100")
     p.add_argument("--test-parts", nargs="+", default=["test-clean", "test-other"])
-    p.add_argument("--train-utts", type=int, default=0, help="SAT on the first N training utterances (0: all)")
-    p.add_argument("--adapt-per-speaker", type=int, default=20)
     a = p.parse_args(argv)
     setup_logging()
-    corpus_dir = a.corpus_dir
-    if not corpus_dir.is_dir():
-        if a.download_dir is None:
-            raise BadInput(f"--corpus-dir {corpus_dir} does not exist; give --download-dir to download LibriSpeech")
-        download_librispeech(a.download_dir, dataset_parts=[a.train_part, *a.test_parts])
-        corpus_dir = a.download_dir / "LibriSpeech"
+    corpus_dir = corpus_or_download(a, "LibriSpeech",
+                                    lambda d: download_librispeech(d, dataset_parts=[a.train_part, *a.test_parts]))
     prepare(corpus_dir, a.datadir / "manifests", a.train_part, a.test_parts, a.train_utts, a.adapt_per_speaker)
 
 

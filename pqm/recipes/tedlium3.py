@@ -18,23 +18,17 @@ reads the uncompressed NIST SPHERE files TED-LIUM 3 ships (not shorten).
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 from lhotse.recipes import download_tedlium, prepare_tedlium
 
-from pqm.fsutil import BadInput, check_safe_id, cli, setup_logging
+from pqm.fsutil import BadInput, cli, setup_logging
 from pqm.manifests import write_speakers, write_utterance_set
+from pqm.recipes.speakers import corpus_or_download, recipe_parser, split_test_speakers
 
 CORPUS = "tedlium3"
 PARTS = ("train", "dev", "test")
-
-
-def split_talk(sups: list, adapt_per_speaker: int) -> tuple[list, list]:
-    """First ``adapt_per_speaker`` segments in time order to adaptation, the rest to evaluation."""
-    ordered = sorted(sups, key=lambda s: (s.start, s.id))
-    return ordered[:adapt_per_speaker], ordered[adapt_per_speaker:]
 
 
 def _with_text(sups, part: str) -> list:
@@ -53,21 +47,10 @@ def prepare(corpus_dir: Path, manifest_dir: Path, train_utts: int, adapt_per_spe
     train = sorted(_with_text(parts["train"]["supervisions"], "train"), key=lambda s: s.id)
     train = train[:train_utts] if train_utts else train
     train_talks = {s.speaker for s in train}
-    by_talk: dict[str, list] = {}
-    for s in _with_text(parts["test"]["supervisions"], "test"):
-        by_talk.setdefault(check_safe_id(s.speaker, "talk id"), []).append(s)
-    sets = {"train": train, "valid": _with_text(parts["dev"]["supervisions"], "dev"), "adapt": [], "eval": []}
-    test_talks = []
-    for talk, sups in sorted(by_talk.items()):
-        if talk in train_talks:
-            raise BadInput(f"talk {talk} of the test part is also in the train part: a test speaker must be unseen")
-        adapt, evaluation = split_talk(sups, adapt_per_speaker)
-        if not evaluation:
-            logging.warning(f"test talk {talk} has only {len(sups)} segments, none left to evaluate: left out")
-            continue
-        sets["adapt"] += adapt
-        sets["eval"] += evaluation
-        test_talks.append(talk)
+    adapt, evaluation, test_talks = split_test_speakers(
+        _with_text(parts["test"]["supervisions"], "test"), train_talks, adapt_per_speaker,
+        order=lambda s: (s.start, s.id), what="talk", part="the test part", train_part="the train part")
+    sets = {"train": train, "valid": _with_text(parts["dev"]["supervisions"], "dev"), "adapt": adapt, "eval": evaluation}
     recs = {"train": parts["train"]["recordings"], "valid": parts["dev"]["recordings"],
             "adapt": parts["test"]["recordings"], "eval": parts["test"]["recordings"]}
     for name, sups in sets.items():
@@ -79,19 +62,9 @@ def prepare(corpus_dir: Path, manifest_dir: Path, train_utts: int, adapt_per_spe
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus-dir", type=Path, required=True, help="the TEDLIUM_release-3 folder (with legacy/)")
-    p.add_argument("--download-dir", type=Path, default=None, help="download the corpus here when --corpus-dir is absent")
-    p.add_argument("--datadir", type=Path, required=True, help="output: <datadir>/manifests")
-    p.add_argument("--train-utts", type=int, default=0, help="train on the first N training segments by id (0: all)")
-    p.add_argument("--adapt-per-speaker", type=int, default=50, help="adaptation segments per test talk")
-    a = p.parse_args(argv)
+    a = recipe_parser(__doc__, "the TEDLIUM_release-3 folder (with legacy/)", adapt_default=50).parse_args(argv)
     setup_logging()
-    corpus_dir = a.corpus_dir
-    if not corpus_dir.is_dir():
-        if a.download_dir is None:
-            raise BadInput(f"--corpus-dir {corpus_dir} does not exist; give --download-dir to download TED-LIUM 3")
-        corpus_dir = download_tedlium(a.download_dir)
+    corpus_dir = corpus_or_download(a, "TED-LIUM 3", download_tedlium)
     prepare(corpus_dir, a.datadir / "manifests", a.train_utts, a.adapt_per_speaker)
 
 
