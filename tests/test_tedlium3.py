@@ -12,7 +12,7 @@ import soundfile as sf
 import yaml
 from lhotse import CutSet, Recording
 
-from conftest import FSDD, TINY_CONFIG
+from conftest import FSDD, ROOT, TINY_CONFIG
 from pqm.fsutil import BadInput
 from pqm.recipes.tedlium3 import prepare
 from test_recipe import run_sh
@@ -100,6 +100,18 @@ def test_missing_part_is_named(tmp_path):
     (tmp_path / "legacy" / "train" / "stm").mkdir(parents=True)
     with pytest.raises(BadInput, match=r"\['dev', 'test'\].*legacy/<part>/sph"):
         prepare(tmp_path, tmp_path / "m", 0, 2)
+
+
+def test_tedlium3_config_builds_the_papers_conformer():
+    """conf/train_conformer_tedlium3.yaml through ESPnet's own model builder, with 500 BPE tokens."""
+    from espnet2.tasks.asr import ASRTask
+
+    args = ASRTask.get_parser().parse_args(["--config", str(ROOT / "conf" / "train_conformer_tedlium3.yaml"),
+                                            "--token_list", "x", "--token_type", "word", "--frontend_conf", "fs=16k"])
+    args.token_list = ["<blank>", "<unk>", *(f"p{i}" for i in range(497)), "<sos/eos>"]
+    model = ASRTask.build_model(args)
+    assert len(model.encoder.encoders) == 12 and len(model.decoder.decoders) == 6
+    assert model.encoder.output_size() == 256 and model.decoder.output_layer.out_features == 500
 
 
 def test_tedlium3_recipe_with_a_bpe_conformer_end_to_end(fsdd_dir, tmp_path):
