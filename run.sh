@@ -207,6 +207,10 @@ stage3() {
         log "Whisper brings its own tokenizer and features: nothing to prepare"
         return
     fi
+    if [ -n "${pretrained}" ]; then
+        log "--pretrained ${pretrained} brings its own tokens and feature statistics: nothing to prepare"
+        return
+    fi
     python -m pqm.espnet_data --datadir "${datadir}" --corpus "${corpus}" --token-type "${token_type}" --nbpe "${nbpe}"
     rm -rf "${expdir}/asr_stats"
     python -m espnet2.bin.asr_train --collect_stats true "${espnet_data_opts[@]}" \

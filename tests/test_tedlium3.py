@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 import yaml
 from lhotse import CutSet, Recording
+from safetensors.torch import load_file
 
 from conftest import FSDD, ROOT, TINY_CONFIG
 from pqm.fsutil import BadInput
@@ -137,3 +139,15 @@ def test_tedlium3_recipe_with_a_bpe_conformer_end_to_end(fsdd_dir, tmp_path):
         assert r["words"] == 20 and set(r["per_speaker"]) == {"GeorgeTalk_2013", "NicolasTalk_2014"}
     hyps = exp / "decode" / "pqm" / "GeorgeTalk_2013" / "text"
     assert hyps.is_file() and "▁" not in hyps.read_text()  # pieces joined back into words
+
+    # the trained ESPnet folder as --pretrained: no stage 3, the same weights and tokens in the new model folder
+    exp2 = tmp_path / "exp_pretrained"
+    proc = run_sh("--corpus", "tedlium3", "--tedlium-dir", str(corpus), "--datadir", str(data), "--expdir", str(exp2),
+                  "--pretrained", str(exp / "asr"), "--stop-stage", "5")
+    assert "brings its own tokens and feature statistics" in proc.stdout
+    assert load_file(exp2 / "fp" / "model.safetensors").keys() == load_file(exp / "fp" / "model.safetensors").keys()
+    assert all(torch.equal(v, load_file(exp / "fp" / "model.safetensors")[k])
+               for k, v in load_file(exp2 / "fp" / "model.safetensors").items())
+    assert (exp2 / "fp" / "bpe.model").read_bytes() == (exp / "fp" / "bpe.model").read_bytes()
+    assert json.loads((exp2 / "nf4" / "size.json").read_text())["fingerprint"] == \
+        json.loads((exp / "nf4" / "size.json").read_text())["fingerprint"]
