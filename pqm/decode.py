@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lhotse import CutSet
 
-from pqm.families import recognizer
+from pqm.families import decoding_settings, recognizer
 from pqm.fsutil import (
     BadInput, MissingInput, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json, write_text,
 )
@@ -69,7 +69,7 @@ def run_key(a: argparse.Namespace, tag: str, cuts: CutSet) -> dict:
         "sat": _adapter_digest(a.sat_dir),
         **{system: _adapter_digest(a.adapter_dir / system / tag) for system in ("nf4_sa", "pqm")},
         "utterances": ids_digest(c.id for c in cuts),
-        "beam_size": a.beam_size, "ctc_weight": a.ctc_weight,
+        "beam_size": a.beam_size, "ctc_weight": a.ctc_weight, **decoding_settings(a.fp_dir),
     }
 
 

@@ -79,6 +79,11 @@ def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float):
     return model_io.EspnetRecognizer(fp_dir, device=device, beam_size=beam_size, ctc_weight=ctc_weight)
 
 
+def decoding_settings(fp_dir: Path) -> dict:
+    """Decoding settings fixed by the family (beyond beam size and CTC weight), for stage 8's run key."""
+    return dict(whisper.DECODING) if family_of(fp_dir) == "whisper" else {}
+
+
 def text_normaliser(family: str, fp_dir: Path | None = None) -> Callable[[str], str]:
     """How references and hypotheses are normalised before scoring (the same for every system)."""
     if family == "whisper":
