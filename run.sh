@@ -47,7 +47,7 @@ nf4_min_conv_numel=2048 # quantise convolutions with at least this many weights
 nf4_embeddings=false    # whisper: also quantise the token embedding and the output projection tied to it
 lora_r=8
 lora_alpha=16
-lora_targets=""         # regex over module names (default per model: see lora_default_targets below)
+lora_targets=""         # regex over module names (default per model family: pqm.families.default_lora_targets)
 sat_epochs=1
 sat_lr=0.001
 sat_utts=0              # SAT on at most this many training utterances (0: all)
@@ -69,13 +69,10 @@ die() { log "ERROR: $*" >&2; exit 1; }
 need() { [ -e "$1" ] || die "missing $1: run $2 first (e.g. ./run.sh --stage ${2#stage } --stop-stage ${2#stage })"; }
 
 case "${model}" in
-    conformer) lora_default_targets='.*(encoder\.encoders\.\d+\.self_attn|decoder\.decoders\.\d+\.self_attn)\.linear_(q|v)' ;;
-    whisper)
-        lora_default_targets='.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)'
-        [ -n "${pretrained}" ] || die "--model whisper needs --pretrained (a Whisper folder such as ../shared/models/whisper-tiny.en, or a model name)" ;;
+    conformer) ;;
+    whisper) [ -n "${pretrained}" ] || die "--model whisper needs --pretrained (a Whisper folder such as ../shared/models/whisper-tiny.en, or a model name)" ;;
     *) die "--model ${model}: use conformer or whisper" ;;
 esac
-lora_targets=${lora_targets:-${lora_default_targets}}
 expdir=${expdir:-exp/${corpus}_${model}}
 case "${corpus}" in
     fsdd|librispeech|tedlium3) ;;

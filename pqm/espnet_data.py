@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 import soundfile as sf
-from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+from lhotse import AudioSource, CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 from lhotse.kaldi import export_to_kaldi
 from tqdm import tqdm
 
@@ -46,12 +46,13 @@ def dump_utterances(cuts: CutSet, audio_dir: Path, final_dir: Path) -> tuple[Rec
     recs, sups = [], []
     for cut in tqdm(at_16k(cuts), desc=f"writing {final_dir}", unit="utt", mininterval=5):
         name = f"{check_safe_id(cut.id, 'utterance id')}.wav"
-        sf.write(audio_dir / name, cut.load_audio()[0], SAMPLING_RATE, subtype="PCM_16")
-        rec = Recording.from_file(audio_dir / name, recording_id=cut.id)
-        rec.sources[0].source = str(final_dir / name)
+        audio = cut.load_audio()[0]
+        sf.write(audio_dir / name, audio, SAMPLING_RATE, subtype="PCM_16")
+        duration = len(audio) / SAMPLING_RATE
+        recs.append(Recording(id=cut.id, sources=[AudioSource(type="file", channels=[0], source=str(final_dir / name))],
+                              sampling_rate=SAMPLING_RATE, num_samples=len(audio), duration=duration))
         sup = cut.supervisions[0]
-        recs.append(rec)
-        sups.append(SupervisionSegment(id=cut.id, recording_id=cut.id, start=0.0, duration=rec.duration,
+        sups.append(SupervisionSegment(id=cut.id, recording_id=cut.id, start=0.0, duration=duration,
                                        channel=0, text=sup.text, speaker=sup.speaker, language=sup.language))
     return RecordingSet.from_recordings(recs), SupervisionSet.from_segments(sups)
 
