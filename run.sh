@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# pqm recipe: personalised NF4 ASR. Default: connected digits (FSDD); --corpus librispeech|tedlium3|custom (egs/<corpus>).
+# pqm recipe: personalised NF4 ASR. Default: connected digits (FSDD); --corpus speechocean762|librispeech|tedlium3|custom (egs/<corpus>).
 #   1 corpus  2 lhotse manifests  3 ESPnet data, tokens + stats  4 train/load the model
 #   5 NF4  6 SAT LoRA  7 per-speaker LoRA  8 decode all systems  9 score
 # Usage: ./run.sh [--stage N] [--stop-stage M] [--nj J] [--option value ...]
@@ -19,7 +19,8 @@ seed=0                  # random seed for data, training and adaptation
 device=cpu              # cpu or cuda
 ngpu=1                  # with --device cuda: GPUs for training (stage 4: ESPnet's multi-GPU; stage 6: torchrun)
 sat_nproc=0             # stage 6 processes under torchrun with DDP (0: ngpu on cuda, 1 on cpu; >1 on cpu uses gloo)
-corpus=fsdd             # fsdd (the default digit task), librispeech, tedlium3 or custom (--train-data, --adapt-data, --eval-data)
+corpus=fsdd             # fsdd (the default digit task), speechocean762, librispeech, tedlium3 or custom (--train-data, --adapt-data, --eval-data)
+speechocean_dir=../shared/corpora/speechocean762  # speechocean762: the corpus folder (train/, test/, WAVE/)
 librispeech_dir=downloads/LibriSpeech  # librispeech: the corpus folder; downloaded into download_dir when absent
 train_part=train-clean-100   # librispeech: SAT (and Conformer training) part
 test_parts="test-clean test-other"  # librispeech: test speakers = their readers
@@ -53,6 +54,10 @@ sat_lr=0.001
 sat_utts=0              # SAT on at most this many training utterances (0: all)
 sa_epochs=10
 sa_lr=0.001
+sa_holdout=0            # do no harm: hold out each test speaker's last N adaptation utterances, keep the best epoch
+                        # only if no worse there than the starting adapter (else fall back to it); 0: off
+whisper_window=padded   # whisper LoRA training (and the adapted systems' decoding): padded (30 s) or trimmed input
+target_style=corpus     # whisper LoRA targets: corpus (as is), sentence or model (restyled: pqm/restyle.py)
 beam_size=4
 ctc_weight=0.5           # CTC weight in joint decoding (chosen on the valid set of training speakers)
 cmd_backend=local       # local or slurm (see cmd.sh)
@@ -75,11 +80,11 @@ case "${model}" in
 esac
 expdir=${expdir:-exp/${corpus}_${model}}
 case "${corpus}" in
-    fsdd|librispeech|tedlium3) ;;
+    fsdd|speechocean762|librispeech|tedlium3) ;;
     custom) for opt in train_data adapt_data eval_data; do
                 [ -e "${!opt}" ] || die "--corpus custom needs --${opt//_/-} (a Kaldi data dir or lhotse cuts); got '${!opt}'"
             done ;;
-    *) die "--corpus ${corpus}: use fsdd, librispeech, tedlium3 or custom" ;;
+    *) die "--corpus ${corpus}: use fsdd, speechocean762, librispeech, tedlium3 or custom" ;;
 esac
 token_type=${token_type:-$([ "${corpus}" = fsdd ] && echo word || echo bpe)}
 case "${token_type}" in
@@ -95,7 +100,14 @@ fi
 for opt in nj ngpu; do
     [[ "${!opt}" =~ ^[1-9][0-9]*$ ]] || die "--${opt} ${!opt}: a positive integer is needed"
 done
-[[ "${sat_nproc}" =~ ^[0-9]+$ ]] || die "--sat-nproc ${sat_nproc}: a number >= 0 is needed"
+for opt in sat_nproc sa_holdout; do
+    [[ "${!opt}" =~ ^[0-9]+$ ]] || die "--${opt//_/-} ${!opt}: a number >= 0 is needed"
+done
+for opt in sat_epochs sa_epochs lora_r lora_alpha beam_size; do
+    [[ "${!opt}" =~ ^[1-9][0-9]*$ ]] || die "--${opt//_/-} ${!opt}: a positive integer is needed"
+done
+case "${whisper_window}" in padded|trimmed) ;; *) die "--whisper-window ${whisper_window}: use padded or trimmed" ;; esac
+case "${target_style}" in corpus|sentence|model) ;; *) die "--target-style ${target_style}: use corpus, sentence or model" ;; esac
 case "${cmd_backend}" in
     local) ;;
     slurm) python -m pqm.slurm --check "${cluster_config}" || die "--cmd-backend slurm: fix the above first" ;;
@@ -110,7 +122,8 @@ manifests=${datadir}/manifests
 cuts() { echo "${manifests}/${corpus}_cuts_$1.jsonl.gz"; }  # stage 2's lhotse cuts of set $1
 speaker_list=${expdir}/test_speakers.txt
 opts_nf4=(--fp-dir "${expdir}/fp" --nf4-dir "${expdir}/nf4" --device "${device}")
-opts_lora=(--lora-r "${lora_r}" --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}" --seed "${seed}")
+opts_lora=(--lora-r "${lora_r}" --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}" --seed "${seed}"
+    --window "${whisper_window}" --target-style "${target_style}")
 
 # run_stage N "title" function: runs a stage unless its done marker exists,
 # logs to ${expdir}/log/stageN.log, records its wall time, invalidates later stages.
@@ -146,6 +159,10 @@ stage1() {
         log "corpus: ${librispeech_dir} (stage 2 downloads ${train_part} ${test_parts} into ${download_dir} if it is absent)"
         return
     fi
+    if [ "${corpus}" = speechocean762 ]; then
+        log "corpus: ${speechocean_dir} (no download: the shared copy or the unpacked release)"
+        return
+    fi
     if [ "${corpus}" = tedlium3 ]; then
         log "corpus: ${tedlium_dir} (stage 2 downloads TED-LIUM 3 into ${download_dir} if it is absent)"
         [ -z "${LHOTSE_AUDIO_BACKEND:-}" ] || log "no sph2pipe on PATH: reading .sph with ${LHOTSE_AUDIO_BACKEND}"
@@ -165,6 +182,11 @@ stage2() {
         # shellcheck disable=SC2086
         python -m pqm.recipes.librispeech --corpus-dir "${librispeech_dir}" --download-dir "${download_dir}" \
             --datadir "${datadir}" --train-part "${train_part}" --test-parts ${test_parts} \
+            --train-utts "${train_utts}" --adapt-per-speaker "${adapt_per_speaker}"
+        return
+    fi
+    if [ "${corpus}" = speechocean762 ]; then
+        python -m pqm.recipes.speechocean762 --corpus-dir "${speechocean_dir}" --datadir "${datadir}" \
             --train-utts "${train_utts}" --adapt-per-speaker "${adapt_per_speaker}"
         return
     fi
@@ -271,7 +293,8 @@ stage7() {
         ${cmd} --max-jobs "${nj}" --threads "${threads}" --task-names "${speaker_list}" "JOB=1:${n}" "${expdir}/log/adapt_${system}.JOB.log" \
             python -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" "${init[@]}" \
             --cuts "$(cuts adapt)" --speaker-list "${speaker_list}" --job JOB \
-            --epochs "${sa_epochs}" --lr "${sa_lr}" --out "${expdir}/adapters/${system}" || failed="${failed} ${system}"
+            --epochs "${sa_epochs}" --lr "${sa_lr}" --holdout "${sa_holdout}" --ctc-weight "${ctc_weight}" \
+            --out "${expdir}/adapters/${system}" || failed="${failed} ${system}"
     done
     [ -z "${failed}" ] || die "adaptation failed for some speakers of:${failed} (listed above); rerun stage 7 to redo only those"
 }

@@ -7,6 +7,18 @@ from the SAT adapter (``--init``) for ``pqm`` or from scratch for the
 ``fallback.json`` that says so; decoding then uses the SAT adapter (``pqm``)
 or the bare NF4 model (``nf4_sa``) and the results mark the speaker.
 
+Do no harm (``--holdout N``): the last N adaptation utterances of the speaker
+(by id) are held out of training and decoded after every epoch; the adapter
+of the epoch with the fewest word errors there is kept, and only if it makes
+no more errors than the adapter it started from (the SAT adapter, or none).
+Otherwise the job writes ``fallback.json`` and decoding uses the starting
+point (``nf4_sat`` for ``pqm``, ``nf4`` for ``nf4_sa``); ``pqm_adapter.json``
+or ``fallback.json`` records the errors of every epoch.
+
+Targets (``--target-style``, Whisper): references restyled into the model's
+own writing (``pqm.restyle``), with the full-precision model's hypotheses of
+the training utterances (greedy, 30 s window) where the style needs them.
+
 Training state is checkpointed after every epoch (``.<out>.checkpoint``), so a
 killed job resumes where it stopped; an adapter already trained with the same
 inputs and settings (``run_key`` in ``pqm_adapter.json``) is not trained again,
@@ -26,22 +38,26 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from lhotse import CutSet
+from lhotse.utils import fastcopy
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pqm.families import batch_iterator, build_model, default_lora_targets
+from pqm.families import batch_iterator, default_lora_targets, family_of, recognizer, text_normaliser
 from pqm.fsutil import (
-    atomic_path, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json,
+    BadInput, atomic_path, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json,
 )
 from pqm.lora import META, LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
 from pqm.model_io import to_nf4
 from pqm.nf4 import count_params
+from pqm.restyle import STYLES, restyle
+from pqm.score import count_errors
 
 
 def freeze_batchnorm(model: torch.nn.Module) -> None:
@@ -96,8 +112,39 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         "base_fingerprint": nf4_meta["fingerprint"], "init_digest": init, "speaker": speaker, "utterances": utts,
         "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size, "seed": a.seed, "lora_r": a.lora_r,
         "lora_alpha": a.lora_alpha, "lora_dropout": a.lora_dropout, "lora_targets": a.lora_targets,
-        "world_size": world_size,
+        "world_size": world_size, "window": a.window, "target_style": a.target_style, "holdout": a.holdout,
     }
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """A detached copy of the trainable adapter's weights."""
+    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+class Selection:
+    """Do no harm: word errors on held-out utterances after every epoch (epoch 0: the starting point),
+    and the weights of the best epoch so far (ties go to the later epoch)."""
+
+    def __init__(self, evaluate: Callable[[], tuple[int, int]] | None = None) -> None:
+        self.evaluate = evaluate
+        self.errors: list[int] = []
+        self.words = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def after_epoch(self, model) -> None:
+        if self.evaluate is None:
+            return
+        errors, self.words = self.evaluate()
+        if self.errors and errors <= min(self.errors):
+            self.best_state = lora_state(model)
+        self.errors.append(errors)
+        logging.info(f"held-out errors after epoch {len(self.errors) - 1}: {errors} of {self.words} words")
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch to keep: the last one with the fewest errors (0: the starting point)."""
+        best = min(self.errors)
+        return max(i for i, e in enumerate(self.errors) if e == best)
 
 
 class Checkpoint:
@@ -106,15 +153,18 @@ class Checkpoint:
     def __init__(self, path: Path, key: dict) -> None:
         self.path, self.key = path, key
 
-    def save(self, model, optim: torch.optim.Optimizer, epoch: int, losses: list[float]) -> None:
+    def save(self, model, optim: torch.optim.Optimizer, epoch: int, losses: list[float], selection: Selection) -> None:
         with atomic_path(self.path) as tmp:
             tmp.mkdir()
-            save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}, str(tmp / "lora.safetensors"))
+            save_file(lora_state(model), str(tmp / "lora.safetensors"))
+            if selection.best_state is not None:
+                save_file(selection.best_state, str(tmp / "best.safetensors"))
             torch.save({"optim": optim.state_dict(), "rng": torch.get_rng_state()}, tmp / "optim.pt")
-            write_json(tmp / "state.json", {"key": self.key, "epoch": epoch, "losses": losses})
+            write_json(tmp / "state.json", {"key": self.key, "epoch": epoch, "losses": losses,
+                                            "errors": selection.errors, "words": selection.words})
 
-    def load(self, model, optim: torch.optim.Optimizer) -> tuple[int, list[float]]:
-        """Restore the state of a matching checkpoint; return (epochs done, losses)."""
+    def load(self, model, optim: torch.optim.Optimizer, selection: Selection) -> tuple[int, list[float]]:
+        """Restore the state of a matching checkpoint (and ``selection``'s); return (epochs done, losses)."""
         state_file = self.path / "state.json"
         if not state_file.exists():
             return 0, []
@@ -126,6 +176,9 @@ class Checkpoint:
         extra = torch.load(self.path / "optim.pt", weights_only=True)
         optim.load_state_dict(extra["optim"])
         torch.set_rng_state(extra["rng"])
+        selection.errors, selection.words = state.get("errors", []), state.get("words", 0)
+        if (self.path / "best.safetensors").exists():
+            selection.best_state = load_file(str(self.path / "best.safetensors"))
         logging.info(f"resuming from {self.path} after epoch {state['epoch']}")
         return state["epoch"], state["losses"]
 
@@ -136,6 +189,7 @@ class Checkpoint:
 def train_adapter(
     model, cuts: CutSet, batches_of, epochs: int, lr: float, batch_size: int, seed: int,
     device: str = "cpu", checkpoint: Checkpoint | None = None, ranks: Ranks = Ranks(),
+    selection: Selection | None = None,
 ) -> list[float]:
     """Train the trainable (LoRA) parameters of ``model``; return the mean loss per epoch.
 
@@ -146,10 +200,15 @@ def train_adapter(
     With ``checkpoint``, the state is saved after every epoch and a matching
     saved state is resumed from. With ``ranks.world_size`` > 1 (torchrun),
     each rank trains on its share of the batches and DDP averages the gradients.
+    With ``selection``, the held-out errors are measured before training and
+    after every epoch (see :class:`Selection`).
     """
+    selection = selection or Selection()
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    done, losses = checkpoint.load(model, optim) if checkpoint else (0, [])
+    done, losses = checkpoint.load(model, optim, selection) if checkpoint else (0, [])
+    if done == 0:
+        selection.after_epoch(model)
     net = data_parallel(model, device) if ranks.world_size > 1 else model
     for epoch in range(done, epochs):
         model.train()
@@ -170,8 +229,9 @@ def train_adapter(
         total, count = sums.tolist()
         losses.append(total / max(count, 1))
         logging.info(f"epoch {epoch + 1}: mean loss {losses[-1]:.3f} over {count:.0f} batches")
+        selection.after_epoch(model)
         if checkpoint and ranks.main:
-            checkpoint.save(model, optim, epoch + 1, losses)
+            checkpoint.save(model, optim, epoch + 1, losses, selection)
     model.eval()
     return losses
 
@@ -197,9 +257,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-targets", default=None, help="regex over module names (default: the model family's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--window", default="trimmed", choices=("trimmed", "padded"),
+                   help="Whisper input: the batch's longest clip, or the 30 s window (pqm.whisper.features)")
+    p.add_argument("--target-style", default="corpus", choices=STYLES,
+                   help="Whisper targets: the references as they are, or restyled (pqm.restyle)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="do no harm: hold out the speaker's last N utterances and keep the best epoch only "
+                        "if it is no worse there than the starting adapter (0: off)")
+    p.add_argument("--ctc-weight", type=float, default=0.5, help="Conformer: CTC weight of held-out decoding")
     a = p.parse_args(argv)
     if a.speaker_list is not None and a.job is None:
         p.error("--speaker-list needs --job")
+    for name in ("epochs", "batch_size", "lora_r", "lora_alpha"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: a positive number is needed")
+    if a.holdout < 0 or a.lr <= 0:
+        p.error("--holdout must be >= 0 and --lr > 0")
     setup_logging()
     a.lora_targets = a.lora_targets or default_lora_targets(a.fp_dir)
     ranks, a.device = init_distributed(a.device)
@@ -208,6 +281,40 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if ranks.world_size > 1:
             dist.destroy_process_group()
+
+
+def fp_hypotheses(rec, cuts: CutSet, cache: Path, key: dict) -> dict[str, str]:
+    """The full-precision model's greedy hypotheses of ``cuts`` (cached in ``cache`` under ``key``)."""
+    if cache.exists() and read_json(cache).get("key") == key:
+        return read_json(cache)["hyps"]
+    hyps = rec.transcribe(cuts, desc="fp hypotheses for the targets")
+    write_json(cache, {"key": key, "hyps": hyps})
+    return hyps
+
+
+def restyled(cuts: CutSet, style: str, hyps: dict[str, str] | None) -> CutSet:
+    """The cuts with their transcripts written in ``style`` (:func:`pqm.restyle.restyle`)."""
+    def one(cut):
+        text = restyle(cut.supervisions[0].text or "", (hyps or {}).get(cut.id), style)
+        return cut.map_supervisions(lambda sup: fastcopy(sup, text=text))
+
+    out = cuts.map(one).to_eager()
+    for cut in list(out)[:3]:
+        logging.info(f"target of {cut.id}: {cut.supervisions[0].text!r}")
+    return out
+
+
+def held_out_errors(rec, cuts: CutSet, normalise: Callable[[str], str]) -> Callable[[], tuple[int, int]]:
+    """A function that decodes ``cuts`` with ``rec`` and returns (word errors, reference words)."""
+    refs = {c.id: normalise(c.supervisions[0].text or "") for c in cuts}
+
+    def evaluate() -> tuple[int, int]:
+        rec.model.eval()  # no dropout; the next epoch sets train mode again
+        hyps = rec.transcribe(cuts, desc="held-out")
+        counts = count_errors([refs[u] for u in sorted(refs)], [normalise(hyps[u]) for u in sorted(refs)])
+        return counts["errors"], counts["words"]
+
+    return evaluate
 
 
 def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
@@ -230,46 +337,72 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         if ranks.main:
             write_json(out / "fallback.json", {"speaker": speaker, "reason": f"no adaptation utterances in {a.cuts}"})
         return
+    family = family_of(a.fp_dir)
+    if family != "whisper" and a.target_style != "corpus":
+        raise BadInput(f"--target-style {a.target_style}: only Whisper models write in a style of their own; "
+                       "use --target-style corpus for the Conformer")
+    if a.holdout and len(cuts) <= a.holdout:
+        raise BadInput(f"speaker {speaker}: {len(cuts)} adaptation utterances, so none is left to train on after "
+                       f"holding out {a.holdout}: lower --holdout")
     key = run_key(a, speaker, cuts, ranks.world_size)
-    if (out / META).exists() and read_json(out / META).get("run_key") == key:
-        logging.info(f"{out} was already trained with these inputs and settings: nothing to do")
-        return
-    if ranks.main:
-        (out / "fallback.json").unlink(missing_ok=True)
-    batches_of = batch_iterator(a.fp_dir)
+    for done in (out / META, out / "fallback.json"):
+        if done.exists() and read_json(done).get("run_key") == key:
+            logging.info(f"{out} was already made with these inputs and settings: nothing to do")
+            return
     start = time.time()
-    model = build_model(a.fp_dir, device=a.device)
+    rec = recognizer(a.fp_dir, a.device, beam_size=1, ctc_weight=a.ctc_weight)
+    model = rec.model
     base_params = count_params(model)
+    if a.target_style != "corpus":
+        hyps = None
+        if a.target_style == "model":
+            rec.set_window("padded")  # the full-precision model reads its 30 s window
+            hyps = fp_hypotheses(rec, cuts, out.parent / f".{out.name}.fp_hyps.json",
+                                 {"fp": file_digest(a.fp_dir / "model.safetensors"), "utterances": key["utterances"]})
+        cuts = restyled(cuts, a.target_style, hyps)
+    rec.set_window(a.window)
+    ids = sorted(c.id for c in cuts)
+    held_out = cuts.subset(cut_ids=ids[len(ids) - a.holdout:]) if a.holdout else None
+    train_cuts = cuts.filter(lambda c: c.id not in set(ids[len(ids) - a.holdout:])).to_eager() if a.holdout else cuts
     base_fp = to_nf4(model, a.nf4_dir, device=a.device)
     if a.init is not None:
         model = load_adapter(model, a.init, base_fp, trainable=True)
     else:
         model = add_lora(model, LoraSettings(a.lora_r, a.lora_alpha, a.lora_dropout, a.lora_targets))
     n_lora = trainable_params(model)
-    logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on {len(cuts)} utterances")
+    logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on "
+                 f"{len(train_cuts)} utterances" + (f", {a.holdout} held out" if a.holdout else ""))
+    selection = Selection(held_out_errors(rec, held_out, text_normaliser(family, a.fp_dir)) if held_out else None)
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
-    losses = train_adapter(model, cuts, batches_of, a.epochs, a.lr, a.batch_size, a.seed, a.device, checkpoint, ranks)
+    losses = train_adapter(model, train_cuts, batch_iterator(a.fp_dir, a.window), a.epochs, a.lr, a.batch_size,
+                           a.seed, a.device, checkpoint, ranks, selection)
     if not ranks.main:
         return
-    save_adapter(
-        model,
-        out,
-        {
-            "base_fingerprint": base_fp,
-            "base_model": str(a.nf4_dir),
-            "speaker": speaker,
-            "init": str(a.init) if a.init else None,
-            "utterances": len(cuts),
-            "epochs": a.epochs,
-            "lr": a.lr,
-            "loss_per_epoch": losses,
-            "lora_params": n_lora,
-            "base_params": base_params,
-            "seconds": round(time.time() - start, 1),
-            "world_size": ranks.world_size,
-            "run_key": key,
-        },
-    )
+    meta = {
+        "base_fingerprint": base_fp, "base_model": str(a.nf4_dir), "speaker": speaker,
+        "init": str(a.init) if a.init else None, "utterances": len(train_cuts), "epochs": a.epochs, "lr": a.lr,
+        "loss_per_epoch": losses, "lora_params": n_lora, "base_params": base_params, "window": a.window,
+        "target_style": a.target_style, "world_size": ranks.world_size, "run_key": key,
+    }
+    if selection.errors:
+        best = selection.best_epoch
+        meta.update(held_out={"utterances": a.holdout, "words": selection.words, "errors_per_epoch": selection.errors},
+                    kept_epoch=best)
+        if best == 0:  # adaptation did not help on held-out speech: keep the starting point
+            reason = (f"held-out errors {selection.errors} (epoch 0 = the starting adapter): no epoch made fewer "
+                      f"errors than the start")
+            logging.warning(f"speaker {speaker}: {reason}; keeping the starting point (see {out}/fallback.json)")
+            shutil.rmtree(out, ignore_errors=True)
+            write_json(out / "fallback.json", {"speaker": speaker, "reason": reason, **meta,
+                                               "seconds": round(time.time() - start, 1)})
+            checkpoint.remove()
+            return
+        if best < a.epochs:
+            set_peft_model_state_dict(model, selection.best_state)
+            logging.info(f"keeping the adapter of epoch {best} (fewest held-out errors)")
+    meta["seconds"] = round(time.time() - start, 1)
+    (out / "fallback.json").unlink(missing_ok=True)
+    save_adapter(model, out, meta)
     checkpoint.remove()
     logging.info(f"wrote adapter {out}")
 

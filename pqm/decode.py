@@ -26,7 +26,7 @@ from pqm.families import decoding_settings, recognizer
 from pqm.fsutil import (
     BadInput, MissingInput, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json, write_text,
 )
-from pqm.lora import load_adapter
+from pqm.lora import META, load_adapter
 from pqm.model_io import to_nf4
 
 SYSTEMS = ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm")
@@ -71,6 +71,11 @@ def run_key(a: argparse.Namespace, tag: str, cuts: CutSet) -> dict:
         "utterances": ids_digest(c.id for c in cuts),
         "beam_size": a.beam_size, "ctc_weight": a.ctc_weight, **decoding_settings(a.fp_dir),
     }
+
+
+def adapter_window(adapter: Path) -> str:
+    """The Whisper input window an adapter was trained in (the base model's 30 s window before it was recorded)."""
+    return read_json(adapter / META).get("window", "padded")
 
 
 def already_decoded(out: Path, key: dict) -> bool:
@@ -121,19 +126,23 @@ def main(argv: list[str] | None = None) -> None:
     for system in SYSTEMS[: SYSTEMS.index(todo[-1]) + 1]:
         info: dict = {"system": system, "speaker": speaker, "run_key": key}
         use = contextlib.nullcontext()
+        window = "padded"  # the base model decodes as it was trained; an adapter, as it was trained
         if system == "nf4":
             base_fp = to_nf4(rec.model, a.nf4_dir, device=a.device)
         elif system == "nf4_sat":
             peft_model = load_adapter(rec.model, a.sat_dir, base_fp, name="sat")
             peft_model.set_adapter("sat")
+            window = adapter_window(a.sat_dir)
         elif system in ("nf4_sa", "pqm"):
             adapter = a.adapter_dir / system / tag
-            if (adapter / "fallback.json").exists():  # the speaker had no adaptation data
+            if (adapter / "fallback.json").exists():  # no adaptation data, or adapting did harm on held-out speech
                 fallback = "nf4_sat" if system == "pqm" else "nf4"
-                logging.warning(f"{system}/{tag}: no adaptation data, decoding with {fallback} instead")
+                reason = read_json(adapter / "fallback.json").get("reason", "")
+                logging.warning(f"{system}/{tag}: decoding with {fallback} instead ({reason})")
                 info["fallback"] = fallback
                 if fallback == "nf4_sat":
                     peft_model.set_adapter("sat")
+                    window = adapter_window(a.sat_dir)
                 else:
                     use = peft_model.disable_adapter()
             elif not (adapter / "adapter_model.safetensors").exists():  # its stage-7 job failed
@@ -146,9 +155,12 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 load_adapter(peft_model, adapter, base_fp, name=system)
                 peft_model.set_adapter(system)
+                window = adapter_window(adapter)
         if system not in todo:
             continue
         start = time.time()
+        rec.set_window(window)
+        info["window"] = window
         with use:
             hyps = rec.transcribe(cuts, desc=f"{system}/{tag}")
         info["seconds"] = round(time.time() - start, 2)

@@ -60,10 +60,11 @@ def default_lora_targets(fp_dir: Path) -> str:
     return whisper.DEFAULT_TARGETS if family_of(fp_dir) == "whisper" else DEFAULT_TARGETS
 
 
-def batch_iterator(fp_dir: Path) -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
-    """``iterate(cuts, batch_size, epoch, seed, rank, world_size)`` yielding keyword arguments of the model's forward."""
+def batch_iterator(fp_dir: Path, window: str = "trimmed") -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
+    """``iterate(cuts, batch_size, epoch, seed, rank, world_size)`` yielding keyword arguments of the model's forward
+    (Whisper: input features in ``window``, see ``pqm.whisper.features``)."""
     if family_of(fp_dir) == "whisper":
-        return whisper.batch_iterator(fp_dir)
+        return whisper.batch_iterator(fp_dir, window)
     tokenizer = model_io.token_encoder(fp_dir)
 
     def iterate(cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -73,7 +74,8 @@ def batch_iterator(fp_dir: Path) -> Callable[..., Iterator[dict[str, torch.Tenso
 
 
 def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float):
-    """An object with ``.model`` (adapted and quantised in place) and ``.transcribe(cuts, desc)``."""
+    """An object with ``.model`` (adapted and quantised in place), ``.transcribe(cuts, desc)`` and
+    ``.set_window(window)`` (the Whisper input window; the Conformer reads whole utterances)."""
     if family_of(fp_dir) == "whisper":
         return whisper.WhisperRecognizer(fp_dir, device=device, beam_size=beam_size)
     return model_io.EspnetRecognizer(fp_dir, device=device, beam_size=beam_size, ctc_weight=ctc_weight)

@@ -129,6 +129,9 @@ class EspnetRecognizer:
         self.s2t = build_speech2text(fp_dir, device=device, beam_size=beam_size, ctc_weight=ctc_weight, nbest=1)
         self.model = self.s2t.asr_model
 
+    def set_window(self, window: str) -> None:
+        """Whole utterances, whatever the window: only Whisper pads its input to a window."""
+
     def transcribe(self, cuts, desc: str) -> dict[str, str]:
         """Return ``{utterance id: best hypothesis}``."""
         hyps = {}

@@ -95,8 +95,20 @@ def add_per_set(systems: dict, test_sets: dict[str, list[str]]) -> None:
             r["per_set"][name] = {"wer": round(100 * errors / words, 2) if words else None, "errors": errors, "words": words}
 
 
+def _relative(wer: float, base: float | None) -> str:
+    """Relative WER change in percent, or n/a where the base is 0 or absent."""
+    return f"{100 * (wer - base) / base:+.1f}" if base else "n/a"
+
+
+def no_worse_than_fp(systems: dict, name: str) -> tuple[int, int]:
+    """(speakers for whom ``name`` makes no more errors than ``fp``, speakers scored for both)."""
+    fp, r = systems["fp"]["per_speaker"], systems[name]["per_speaker"]
+    both = [s for s in r if "errors" in r[s] and "errors" in fp.get(s, {})]
+    return sum(r[s]["errors"] <= fp[s]["errors"] for s in both), len(both)
+
+
 def markdown(results: dict) -> str:
-    """The results as ESPnet-style markdown tables."""
+    """The results as ESPnet-style markdown tables: systems, then speakers (rows) by system (columns)."""
     systems = results["systems"]
     speakers = results["test_speakers"]
     fp_wer, nf4_wer = systems["fp"]["wer"], systems["nf4"]["wer"]
@@ -105,33 +117,38 @@ def markdown(results: dict) -> str:
     lines = [
         f"# RESULTS: {results['corpus']}, {results['model']}",
         "",
-        f"- test speakers (unseen in training): {', '.join(speakers)}; scored on their evaluation parts",
+        f"- {len(speakers)} test speakers (unseen in training), scored on their evaluation parts",
         f"- model size on disk: fp32 {size['fp32']:,} bytes, NF4 {size['nf4']:,} bytes "
         f"({size['fp32'] / size['nf4']:.2f}x smaller)",
         f"- parameters: base {params['base']:,}; LoRA per speaker {params['lora_per_speaker']:,} "
         f"({100 * params['lora_per_speaker'] / params['base']:.2f}% of the base)",
         "",
-        "| system | WER (%) | errors | words | rel. vs fp (%) | rel. vs nf4 (%) | "
-        + " | ".join(f"{s} WER (%)" for s in speakers) + " |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(speakers),
+        "| system | WER (%) | errors | words | rel. vs fp (%) | rel. vs nf4 (%) | speakers no worse than fp |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in systems.items():
         if r["wer"] is None:  # every speaker missing
-            lines.append(f"| {name} | n/a | 0 | 0 | | | " + " | ".join("missing (no adapter)" for _ in speakers) + " |")
+            lines.append(f"| {name} | n/a | 0 | 0 | | | |")
             continue
-        rel_fp = 100 * (r["wer"] - fp_wer) / fp_wer if fp_wer else 0.0
-        rel_nf4 = 100 * (r["wer"] - nf4_wer) / nf4_wer if nf4_wer else 0.0
+        kept, scored = no_worse_than_fp(systems, name)
+        lines.append(f"| {name} | {r['wer']:.2f} | {r['errors']} | {r['words']} | {_relative(r['wer'], fp_wer)} | "
+                     f"{_relative(r['wer'], nf4_wer)} | {kept}/{scored} |")
+    lines += ["", "| speaker | " + " | ".join(f"{n} WER (%)" for n in systems) + " |",
+              "|---|" + "---:|" * len(systems)]
+    for spk in speakers:
         cells = []
-        for s in speakers:
-            ps = r["per_speaker"][s]
+        for r in systems.values():
+            ps = r["per_speaker"][spk]
             if "missing" in ps:
                 cells.append("missing (no adapter)")
-                continue
-            cells.append(f"{ps['wer']:.2f}" + (f" (fallback: {ps['fallback']})" if "fallback" in ps else ""))
-        lines.append(
-            f"| {name} | {r['wer']:.2f} | {r['errors']} | {r['words']} | {rel_fp:+.1f} | {rel_nf4:+.1f} | "
-            + " | ".join(cells) + " |"
-        )
+            else:
+                cells.append(f"{ps['wer']:.2f}" + (f" (fallback: {ps['fallback']})" if "fallback" in ps else ""))
+        lines.append(f"| {spk} | " + " | ".join(cells) + " |")
+    fallbacks = {n: r["fallbacks"] for n, r in systems.items() if r.get("fallbacks")}
+    for name, spks in fallbacks.items():
+        lines.append(f"\n**{name}** fell back to {', '.join(sorted(set(spks.values())))} for {len(spks)} of "
+                     f"{len(speakers)} speakers (no adaptation data, or adapting did not help on held-out speech: "
+                     "see the speaker's fallback.json).")
     if results.get("test_sets"):
         names = list(results["test_sets"])
         lines += ["", "| system | " + " | ".join(f"{n} WER (%)" for n in names) + " |", "|---|" + "---:|" * len(names)]
@@ -159,14 +176,14 @@ def plot(results: dict, path: Path) -> None:
     speakers = results["test_speakers"] + ["all"]
     systems = list(results["systems"])
     width = 0.8 / len(systems)
-    fig, ax = plt.subplots(figsize=(1.6 * len(speakers) + 3, 4))
+    fig, ax = plt.subplots(figsize=(min(1.6 * len(speakers) + 3, 24), 4))
     for i, name in enumerate(systems):
         r = results["systems"][name]
         values = [r["per_speaker"][s].get("wer", float("nan")) for s in results["test_speakers"]]
         values.append(float("nan") if r["wer"] is None else r["wer"])
         xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(speakers))]
         ax.bar(xs, values, width, label=name)
-    ax.set_xticks(range(len(speakers)), speakers)
+    ax.set_xticks(range(len(speakers)), speakers, rotation=90 if len(speakers) > 8 else 0)
     ax.set_ylabel("WER (%)")
     ax.set_title(f"{results['corpus']} / {results['model']}: WER per test speaker")
     ax.legend(ncols=len(systems), fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12))

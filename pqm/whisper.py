@@ -68,6 +68,7 @@ def build_model(fp_dir: Path, device: str = "cpu") -> torch.nn.Module:
     if not is_whisper_dir(fp_dir):
         raise BadInput(f"{fp_dir} holds no Whisper model: run {FP_MADE_BY}")
     model = WhisperForConditionalGeneration.from_pretrained(fp_dir, dtype=torch.float32, local_files_only=True)
+    fit_encoder_to_input(model)
     return model.to(device).eval()
 
 
@@ -88,14 +89,67 @@ def tied_keys(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def _features(processor, cuts: list) -> torch.Tensor:
-    """Whisper's log-mel input features of 16 kHz audio."""
-    audio = [cut.load_audio()[0] for cut in at_16k(cuts)]
-    return processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+WINDOWS = ("trimmed", "padded")
+HOP = 160  # samples per log-mel frame
+MAX_FRAMES = 3000  # Whisper's 30 s window
 
 
-def batch_iterator(fp_dir: Path) -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
-    """Batches of ``input_features`` and ``labels`` for ``WhisperForConditionalGeneration.forward``.
+def features(processor, cuts: list, window: str = "trimmed") -> torch.Tensor:
+    """Whisper's log-mel input features of the cuts' 16 kHz audio.
+
+    ``window="padded"``: every clip padded to Whisper's 30 s window, as in its
+    training. ``"trimmed"``: padded only to the batch's longest clip, rounded
+    up to an even frame count (the encoder's second convolution has stride 2);
+    the encoder then runs on that many frames (:func:`fit_encoder_to_input`),
+    so a 3 s clip costs a tenth of the work. Audio over 30 s is refused.
+    """
+    if window not in WINDOWS:
+        raise BadInput(f"Whisper input window {window!r}: use one of {', '.join(WINDOWS)}")
+    cuts = at_16k(cuts)
+    audio = [cut.load_audio()[0] for cut in cuts]
+    too_long = [c.id for c, a in zip(cuts, audio) if len(a) > MAX_FRAMES * HOP]
+    if too_long:
+        raise BadInput(f"utterances {', '.join(too_long[:3])} are longer than Whisper's 30 s window: "
+                       "split them into shorter segments (the whole transcript would label a cut clip)")
+    if window == "padded":
+        return processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+    return processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt", padding="longest",
+                                       pad_to_multiple_of=2 * HOP, truncation=False).input_features
+
+
+def _encoder(model: torch.nn.Module):
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    return next(m for m in model.modules() if isinstance(m, WhisperEncoder))
+
+
+def set_encoder_window(model: torch.nn.Module, frames: int) -> None:
+    """Make the encoder (and ``generate``) take ``frames`` log-mel frames instead of 3000.
+
+    transformers' encoder insists on ``max_source_positions`` x 2 frames and
+    adds the first ``embed_positions.num_embeddings`` positional embeddings;
+    both become ``frames // 2``, so the sinusoidal table is sliced, not changed.
+    """
+    if frames % 2 or not 0 < frames <= MAX_FRAMES:
+        raise ValueError(f"Whisper encoder window of {frames} frames: an even number up to {MAX_FRAMES} is needed")
+    encoder = _encoder(model)
+    encoder.config.max_source_positions = frames // 2
+    encoder.embed_positions.num_embeddings = frames // 2
+
+
+def fit_encoder_to_input(model: torch.nn.Module) -> None:
+    """Let every encoder call take the length of its input features (see :func:`features`)."""
+    def fit(module, args, kwargs):
+        feats = kwargs.get("input_features", args[0] if args else None)
+        if feats is not None:
+            set_encoder_window(model, feats.shape[-1])
+
+    _encoder(model).register_forward_pre_hook(fit, with_kwargs=True)
+
+
+def batch_iterator(fp_dir: Path, window: str = "trimmed") -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
+    """Batches of ``input_features`` (:func:`features` with ``window``) and ``labels`` for
+    ``WhisperForConditionalGeneration.forward``.
 
     Labels are the tokenizer's ids of `` <transcript>`` after Whisper's prefix
     (start of transcript, no timestamps; the model shifts them right itself),
@@ -118,7 +172,7 @@ def batch_iterator(fp_dir: Path) -> Callable[..., Iterator[dict[str, torch.Tenso
             labels = ids.input_ids.masked_fill(ids.attention_mask == 0, -100)
             if (labels[:, 0] == start).all():
                 labels = labels[:, 1:]
-            yield {"input_features": _features(processor, list(batch)), "labels": labels}
+            yield {"input_features": features(processor, list(batch), window), "labels": labels}
 
     return iterate
 
@@ -135,10 +189,15 @@ class WhisperRecognizer:
     """Decoding with ``generate`` (English, no timestamps, beam search at temperature 0, then
     openai-whisper's temperature fallback: :data:`DECODING`) on ``self.model``, adapted in place."""
 
-    def __init__(self, fp_dir: Path, device: str = "cpu", beam_size: int = 4, batch_size: int = 8) -> None:
+    def __init__(self, fp_dir: Path, device: str = "cpu", beam_size: int = 4, batch_size: int = 8,
+                 window: str = "padded") -> None:
         self.model = build_model(fp_dir, device)
         self.processor = load_processor(fp_dir)
-        self.device, self.beam_size, self.batch_size = device, beam_size, batch_size
+        self.device, self.beam_size, self.batch_size, self.window = device, beam_size, batch_size, window
+
+    def set_window(self, window: str) -> None:
+        """Decode with input features in ``window`` (see :func:`features`)."""
+        self.window = window
 
     def transcribe(self, cuts: CutSet, desc: str) -> dict[str, str]:
         cuts = list(cuts)
@@ -148,8 +207,9 @@ class WhisperRecognizer:
         with torch.no_grad():
             for i in tqdm(range(0, len(cuts), self.batch_size), desc=desc, unit="batch", mininterval=5):
                 batch = cuts[i : i + self.batch_size]
-                features = _features(self.processor, batch).to(self.device)
-                out = self.model.generate(input_features=features, num_beams=self.beam_size,
+                feats = features(self.processor, batch, self.window).to(self.device)
+                set_encoder_window(self.model, feats.shape[-1])  # generate pads to the window it is told
+                out = self.model.generate(input_features=feats, num_beams=self.beam_size,
                                           return_timestamps=False, **opts)
                 for cut, text in zip(batch, self.processor.batch_decode(out, skip_special_tokens=True)):
                     hyps[cut.id] = " ".join(text.split())

@@ -30,7 +30,9 @@ def test_score_per_speaker_and_fallback(tmp_path):
     results = {"corpus": "c", "model": "m", "test_speakers": ["a", "b"], "systems": systems,
                "size_bytes": {"fp32": 800, "nf4": 100}, "params": {"base": 1000, "lora_per_speaker": 9}}
     table = markdown(results)
-    assert "| pqm | 40.00 | 2 | 5 |" in table and "fallback: nf4_sat" in table and "8.00x smaller" in table
+    assert "| pqm | 40.00 | 2 | 5 | +0.0 | +0.0 | 2/2 |" in table and "8.00x smaller" in table
+    assert "| b | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 (fallback: nf4_sat) |" in table
+    assert "**pqm** fell back to nf4_sat for 1 of 2 speakers" in table
     json.dumps(results)
 
 

@@ -1,0 +1,122 @@
+"""Stage 2 for speechocean762: real read English of non-native speakers, children and adults.
+
+The corpus comes in Kaldi layout (``train/`` and ``test/``, each with
+``wav.scp``, ``text``, ``utt2spk``, ``spk2age``; audio under ``WAVE/``, as
+``.WAV`` in the release or ``.flac`` in the shared copy; a path in
+``wav.scp`` whose file is absent is looked for with the other extension).
+Paths in ``wav.scp`` are relative to the corpus folder, and ``text``
+separates the utterance id from the words with a tab.
+
+Speakers: the ``train`` part's are the training speakers (SAT; every 20th
+utterance by id is the valid set); the ``test`` part's are the test
+speakers. Each test speaker's utterances, sorted by id, are split by this
+rule (ours): the first ``--adapt-per-speaker`` are the adaptation part, the
+rest the evaluation part. Test speakers are grouped by age
+(``spk2age``: children up to 12, teenagers 13-17, adults 18 and over; a speaker
+missing from ``spk2age`` is grouped as ``age unknown`` and logged), and the
+results report WER per group.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lhotse import Recording, SupervisionSegment
+
+from pqm.fsutil import BadInput, cli, setup_logging
+from pqm.manifests import write_speakers, write_utterance_set
+from pqm.recipes.speakers import recipe_parser, split_test_speakers
+
+CORPUS = "speechocean762"
+AUDIO_EXTENSIONS = (".WAV", ".wav", ".flac")
+
+
+def read_table(path: Path) -> dict[str, str]:
+    """A Kaldi table: the key, then the rest of the line after any whitespace (tab or spaces)."""
+    if not path.is_file():
+        raise BadInput(f"{path} is missing: speechocean762's {path.parent.name}/ needs wav.scp, text, utt2spk and spk2age")
+    table = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        fields = line.split(maxsplit=1)
+        if not fields:
+            continue
+        if fields[0] in table:
+            raise BadInput(f"{path}:{number}: {fields[0]} appears twice")
+        table[fields[0]] = fields[1].strip() if len(fields) > 1 else ""
+    return table
+
+
+def audio_path(corpus_dir: Path, relative: str) -> Path:
+    """The audio file ``wav.scp`` names, or the same file with another of :data:`AUDIO_EXTENSIONS`."""
+    named = corpus_dir / relative
+    for candidate in [named, *(named.with_suffix(ext) for ext in AUDIO_EXTENSIONS)]:
+        if candidate.is_file():
+            return candidate
+    raise BadInput(f"{corpus_dir}: audio {relative} (from wav.scp) is missing, also as "
+                   f"{' or '.join(AUDIO_EXTENSIONS)}")
+
+
+def age_group(age: str | None) -> str:
+    if age is None or not age.isdigit():
+        return "age unknown"
+    years = int(age)
+    return "children (<= 12)" if years <= 12 else "teenagers (13-17)" if years <= 17 else "adults (>= 18)"
+
+
+def read_part(corpus_dir: Path, part: str) -> tuple[list[Recording], list[SupervisionSegment], dict[str, str]]:
+    """Recordings, supervisions and ages (``spk2age``) of one part, checked before anything is written."""
+    folder = corpus_dir / part
+    wav, text, utt2spk = (read_table(folder / name) for name in ("wav.scp", "text", "utt2spk"))
+    ages = read_table(folder / "spk2age") if (folder / "spk2age").is_file() else {}
+    lacking = sorted(u for u in utt2spk if u not in wav or u not in text)
+    if lacking:
+        raise BadInput(f"{folder}: utterances {', '.join(lacking[:3])} of utt2spk have no line in wav.scp or text")
+    empty = sorted(u for u in utt2spk if not text[u])
+    if empty:
+        raise BadInput(f"{folder}/text: empty transcripts for {', '.join(empty[:3])}")
+    recs = [Recording.from_file(audio_path(corpus_dir, wav[u]), recording_id=u) for u in sorted(utt2spk)]
+    sups = [SupervisionSegment(id=r.id, recording_id=r.id, start=0.0, duration=r.duration, channel=0,
+                               text=text[r.id], speaker=utt2spk[r.id], language="English") for r in recs]
+    return recs, sups, ages
+
+
+def prepare_speechocean762(corpus_dir: Path, manifest_dir: Path, adapt_per_speaker: int = 10,
+                           train_utts: int = 0) -> dict:
+    """Write the train/valid/adapt/eval manifests and ``speakers.json``; return the test speakers by age group."""
+    train_recs, train_sups, _ = read_part(corpus_dir, "train")
+    test_recs, test_sups, ages = read_part(corpus_dir, "test")
+    train_sups = train_sups[:train_utts] if train_utts else train_sups
+    valid = train_sups[19::20] or train_sups[-1:]
+    valid_ids = {s.id for s in valid}
+    train_speakers = sorted({s.speaker for s in train_sups})
+    adapt, evaluation, test_speakers = split_test_speakers(
+        test_sups, set(train_speakers), adapt_per_speaker, order=lambda s: s.id, what="speaker", part="test",
+        train_part="train")
+    unknown = [s for s in test_speakers if s not in ages]
+    if unknown:
+        logging.warning(f"{corpus_dir}/test/spk2age has no age for speakers {', '.join(unknown)}: grouped as 'age unknown'")
+    groups: dict[str, list[str]] = {}
+    for spk in test_speakers:
+        groups.setdefault(age_group(ages.get(spk)), []).append(spk)
+    sets = {"train": (train_recs, [s for s in train_sups if s.id not in valid_ids]), "valid": (train_recs, valid),
+            "adapt": (test_recs, adapt), "eval": (test_recs, evaluation)}
+    for name, (recs, sups) in sets.items():
+        write_utterance_set(manifest_dir, CORPUS, name, recs, sups)
+    write_speakers(manifest_dir, train_speakers, test_speakers, test_sets=dict(sorted(groups.items())),
+                   rule=f"first {adapt_per_speaker} utterances by id to adaptation, the rest to evaluation")
+    return groups
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = recipe_parser(__doc__, "the speechocean762 folder (with train/, test/, WAVE/)", adapt_default=10)
+    a = p.parse_args(argv)
+    setup_logging()
+    if not a.corpus_dir.is_dir():
+        raise BadInput(f"--corpus-dir {a.corpus_dir} does not exist: point it at speechocean762 "
+                       "(../shared/corpora/speechocean762, or the unpacked release)")
+    prepare_speechocean762(a.corpus_dir, a.datadir / "manifests", a.adapt_per_speaker, a.train_utts)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,219 @@
+"""speechocean762 (real non-native speakers): the corpus recipe, Whisper targets in the model's own style,
+the trimmed input window, and the do-no-harm rule of per-speaker adaptation."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from lhotse import CutSet, MonoCut, Recording
+from lhotse.audio import AudioSource
+
+from conftest import ROOT, SHARED
+from pqm.fsutil import BadInput
+from pqm.recipes.speechocean762 import prepare_speechocean762, read_table
+from pqm.restyle import restyle, word_key
+
+SO762 = SHARED / "corpora" / "speechocean762"
+WHISPER = SHARED / "models" / "whisper-tiny.en"
+
+
+@pytest.fixture(scope="module")
+def so762_dir() -> Path:
+    if not (SO762 / "test" / "wav.scp").is_file():
+        pytest.fail(f"{SO762} is absent: the speechocean762 copy in ../shared is needed")
+    return SO762
+
+
+@pytest.fixture(scope="module")
+def so762_manifests(so762_dir, tmp_path_factory) -> Path:
+    """Manifests of one training and one test speaker of the shared copy."""
+    tmp = tmp_path_factory.mktemp("so762")
+    prepare_speechocean762(make_subset(so762_dir, tmp / "so762", train=1, test=1, wav_speaker=False), tmp / "manifests")
+    return tmp / "manifests"
+
+
+@pytest.fixture(scope="module")
+def whisper_dir() -> Path:
+    if not (WHISPER / "config.json").is_file():
+        pytest.fail(f"{WHISPER} is absent: the Whisper tests need the real whisper-tiny.en there")
+    return WHISPER
+
+
+def make_subset(src: Path, dst: Path, train: int = 2, test: int = 2, wav_speaker: bool = True) -> Path:
+    """The first speakers of each part in the release layout; the first test speaker's audio as ``.WAV``
+    (as in the release), the others as the shared copy's ``.flac``."""
+    for part, count in (("train", train), ("test", test)):
+        utt2spk = read_table(src / part / "utt2spk")
+        speakers = sorted(set(utt2spk.values()))[:count]
+        keep = sorted(u for u, s in utt2spk.items() if s in speakers)
+        wav = read_table(src / part / "wav.scp")
+        (dst / part).mkdir(parents=True)
+        lines = {name: read_table(src / part / name) for name in ("text", "utt2spk")}
+        wav_lines = []
+        for u in keep:
+            rel = Path(wav[u])
+            if part == "test" and wav_speaker and utt2spk[u] == speakers[0]:
+                rel = rel.with_suffix(".WAV")
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                audio, rate = sf.read(src / wav[u])
+                sf.write(dst / rel, audio, rate, format="WAV", subtype="PCM_16")
+            else:
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src / wav[u], dst / rel)
+            wav_lines.append(f"{u} {rel}\n")
+        (dst / part / "wav.scp").write_text("".join(wav_lines))
+        for name, table in lines.items():
+            (dst / part / name).write_text("".join(f"{u}\t{table[u]}\n" for u in keep))
+        ages = read_table(src / part / "spk2age")
+        (dst / part / "spk2age").write_text("".join(f"{s} {ages[s]}\n" for s in speakers))
+    return dst
+
+
+def test_recipe_split_audio_extensions_and_ages(so762_dir, tmp_path):
+    corpus = make_subset(so762_dir, tmp_path / "so762")
+    test_speakers = sorted(set(read_table(corpus / "test" / "utt2spk").values()))
+    # a test speaker missing from spk2age is grouped as 'age unknown'
+    (corpus / "test" / "spk2age").write_text(f"{test_speakers[0]} 9\n")
+    groups = prepare_speechocean762(corpus, tmp_path / "manifests", adapt_per_speaker=10)
+    assert groups == {"age unknown": [test_speakers[1]], "children (<= 12)": [test_speakers[0]]}
+    adapt = CutSet.from_file(tmp_path / "manifests" / "speechocean762_cuts_adapt.jsonl.gz")
+    evaluation = CutSet.from_file(tmp_path / "manifests" / "speechocean762_cuts_eval.jsonl.gz")
+    for spk in test_speakers:
+        ids = sorted(read_table(corpus / "test" / "utt2spk"))
+        mine = [u for u in ids if read_table(corpus / "test" / "utt2spk")[u] == spk]
+        assert sorted(c.id for c in adapt if c.supervisions[0].speaker == spk) == mine[:10]
+        assert sorted(c.id for c in evaluation if c.supervisions[0].speaker == spk) == mine[10:]
+    sources = {c.recording.sources[0].source.rsplit(".", 1)[1] for c in adapt}
+    assert sources == {"WAV", "flac"}
+    assert all(c.sampling_rate == 16000 and c.duration > 0.5 for c in adapt)
+    first = next(iter(adapt))
+    assert first.supervisions[0].text == read_table(corpus / "test" / "text")[first.id]  # tab-separated text
+    speakers = json.loads((tmp_path / "manifests" / "speakers.json").read_text())
+    assert len(speakers["train"]) == 2 and speakers["test"] == test_speakers
+
+
+def test_bad_corpus_is_refused_before_writing(so762_dir, tmp_path):
+    corpus = make_subset(so762_dir, tmp_path / "a", wav_speaker=False)
+    with open(corpus / "test" / "utt2spk", "a") as f:
+        f.write("999999999 0001\n")
+    with pytest.raises(BadInput, match="999999999 of utt2spk have no line in wav.scp or text"):
+        prepare_speechocean762(corpus, tmp_path / "m")
+    corpus = make_subset(so762_dir, tmp_path / "b", wav_speaker=False)
+    victim = next((corpus / "WAVE").rglob("*.flac"))
+    victim.unlink()
+    with pytest.raises(BadInput, match=f"{victim.stem}.flac.*is missing"):
+        prepare_speechocean762(corpus, tmp_path / "m")
+    corpus = make_subset(so762_dir, tmp_path / "c", wav_speaker=False)
+    for name in ("wav.scp", "text", "utt2spk"):  # a training speaker among the test speakers
+        with open(corpus / "test" / name, "a") as f:
+            f.write((corpus / "train" / name).read_text())
+    with pytest.raises(BadInput, match="also in train: a test speaker must be unseen"):
+        prepare_speechocean762(corpus, tmp_path / "m")
+    assert not (tmp_path / "m").exists()  # refused before anything was written
+
+
+def test_restyle_keeps_the_words():
+    ref = "LOOK AT TOM'S JEANS"
+    assert restyle(ref, "Look at Tom's jeans.", "model") == "Look at Tom's jeans."
+    assert restyle(ref, "Who cares, Tom's jets?", "model") == "Look at Tom's jeans?"
+    assert restyle(ref, None, "sentence") == "Look at tom's jeans."
+    assert restyle(ref, "anything", "corpus") == ref
+    assert restyle("I WANT TO BE A NURSE", "", "sentence") == "I want to be a nurse."
+    with pytest.raises(ValueError, match="target style"):
+        restyle(ref, ref, "fancy")
+
+
+def test_restyle_on_real_tiny_en_hypotheses(so762_manifests, whisper_dir):
+    """Real hypotheses of whisper-tiny.en (30 s window, greedy) lend their spelling; the words stay the reference's."""
+    from pqm.whisper import WhisperRecognizer
+
+    cuts = CutSet.from_file(so762_manifests / "speechocean762_cuts_adapt.jsonl.gz").subset(first=6)
+    rec = WhisperRecognizer(whisper_dir, beam_size=1)
+    hyps = rec.transcribe(cuts, "fp")
+    agreeing = 0
+    for cut in cuts:
+        ref = cut.supervisions[0].text
+        target = restyle(ref, hyps[cut.id], "model")
+        assert [word_key(w) for w in target.split()] == [word_key(w) for w in ref.split()], (ref, hyps[cut.id], target)
+        assert target != ref and target[0].isupper() and not target[1:].isupper()
+        spellings = {word_key(w): w for w in hyps[cut.id].split()}
+        agreeing += sum(w == spellings.get(word_key(w)) for w in target.split())
+    assert agreeing >= 6  # tiny.en gets several words right: those keep its spelling
+
+
+def test_trimmed_window_equals_padded_for_a_full_window(whisper_dir):
+    """A clip that fills the 30 s window: trimmed input is the padded input, and the logits are the same."""
+    from pqm.whisper import build_model, features, load_processor
+
+    audio = torch.randn(16000 * 30).numpy() * 0.01
+    cut = _array_cut(audio)
+    processor = load_processor(whisper_dir)
+    padded, trimmed = features(processor, [cut], "padded"), features(processor, [cut], "trimmed")
+    assert padded.shape == trimmed.shape == (1, 80, 3000) and torch.allclose(padded, trimmed)
+    model = build_model(whisper_dir)
+    labels = torch.tensor([[50257, 50362, 440, 2068]])
+    with torch.no_grad():
+        a = model(input_features=padded, decoder_input_ids=labels).logits
+        short = features(processor, [_array_cut(audio[: 16000 * 3])], "trimmed")
+        assert short.shape[-1] == 300
+        model(input_features=short, decoder_input_ids=labels)  # the encoder takes 300 frames
+        b = model(input_features=trimmed, decoder_input_ids=labels).logits  # and 3000 again
+    assert torch.equal(a, b)
+
+
+def _array_cut(audio) -> MonoCut:
+    """A cut of in-memory audio (16 kHz WAVE bytes)."""
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="WAV")
+    rec = Recording(id="x", sources=[AudioSource(type="memory", channels=[0], source=buf.getvalue())],
+                    sampling_rate=16000, num_samples=len(audio), duration=len(audio) / 16000)
+    return MonoCut(id="x", start=0, duration=rec.duration, channel=0, recording=rec)
+
+
+def test_harmful_adaptation_keeps_the_starting_point(so762_manifests, whisper_dir, tmp_path):
+    """A learning rate that wrecks the adapter: the held-out utterances get worse, so the job keeps the
+    starting point (no adapter, fallback.json with the errors of every epoch) and decoding falls back."""
+    from pqm.quantize import main as quantize
+
+    quantize(["--fp-dir", str(whisper_dir), "--out", str(tmp_path / "nf4")])
+    speaker = json.loads((so762_manifests / "speakers.json").read_text())["test"][0]
+    out = tmp_path / "nf4_sa" / speaker
+    cmd = [sys.executable, "-m", "pqm.adapt", "--fp-dir", str(whisper_dir), "--nf4-dir", str(tmp_path / "nf4"),
+           "--cuts", str(so762_manifests / "speechocean762_cuts_adapt.jsonl.gz"), "--speaker", speaker,
+           "--max-utts", "4", "--holdout", "2", "--epochs", "2", "--lr", "0.05", "--batch-size", "2",
+           "--window", "padded", "--target-style", "sentence", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fallback = json.loads((out / "fallback.json").read_text())
+    errors = fallback["held_out"]["errors_per_epoch"]
+    assert len(errors) == 3 and min(errors[1:]) > errors[0], errors
+    assert fallback["kept_epoch"] == 0 and not (out / "adapter_model.safetensors").exists()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert "nothing to do" in again.stderr
+
+
+def test_selection_keeps_the_best_epoch_and_ties_go_later():
+    from peft import LoraConfig, get_peft_model
+
+    from pqm.adapt import Selection
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig(r=1, target_modules=["0"]))
+    errors = iter([(5, 20), (7, 20), (5, 20), (6, 20)])
+    selection = Selection(lambda: next(errors))
+    for _ in range(4):
+        selection.after_epoch(model)
+    assert selection.errors == [5, 7, 5, 6] and selection.best_epoch == 2
+    assert selection.best_state is not None and any("lora_A" in k for k in selection.best_state)
+    worse = iter([(5, 20), (7, 20), (9, 20)])
+    selection = Selection(lambda: next(worse))
+    for _ in range(3):
+        selection.after_epoch(model)
+    assert selection.best_epoch == 0
