@@ -106,6 +106,9 @@ done
 for opt in sat_epochs sa_epochs lora_r lora_alpha beam_size; do
     [[ "${!opt}" =~ ^[1-9][0-9]*$ ]] || die "--${opt//_/-} ${!opt}: a positive integer is needed"
 done
+for opt in nf4_double_quant nf4_embeddings; do
+    case "${!opt}" in true|false) ;; *) die "--${opt//_/-} ${!opt}: use true or false" ;; esac
+done
 case "${whisper_window}" in padded|trimmed) ;; *) die "--whisper-window ${whisper_window}: use padded or trimmed" ;; esac
 case "${target_style}" in corpus|sentence|model) ;; *) die "--target-style ${target_style}: use corpus, sentence or model" ;; esac
 case "${cmd_backend}" in

@@ -332,6 +332,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         cuts = cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_eager()
     if a.max_utts:
         cuts = cuts.subset(first=min(a.max_utts, len(cuts)))
+    if len(cuts) == 0 and speaker is None:
+        raise BadInput(f"{a.cuts} holds no utterances to train on: rerun stage 2 (manifests)")
     if len(cuts) == 0:
         logging.warning(f"speaker {speaker}: no adaptation data in {a.cuts}; falling back (see {out}/fallback.json)")
         if ranks.main:

@@ -42,7 +42,8 @@ def test_not_a_whisper_folder_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def whisper_run(whisper_dir, fsdd_dir, tmp_path_factory):
     """All nine stages with --model whisper on a few utterances: SAT on jackson, adaptation on george;
-    NF4 includes the token embedding and the output projection tied to it."""
+    NF4 includes the token embedding and the output projection tied to it; LoRA on trimmed input,
+    targets restyled by the model's hypotheses, one held-out utterance per speaker."""
     tmp = tmp_path_factory.mktemp("whisper")
     corpus = make_fsdd_subset(tmp / "fsdd", ["jackson", "george"], per_digit=7)
     exp = tmp / "exp"
@@ -50,7 +51,8 @@ def whisper_run(whisper_dir, fsdd_dir, tmp_path_factory):
             "--expdir", str(exp), "--datadir", str(tmp / "data"), "--train-speakers", "jackson",
             "--test-speakers", "george", "--train-per-speaker", "4", "--adapt-per-digit", "6",
             "--adapt-per-speaker", "4", "--max-digits", "3", "--sat-epochs", "1", "--sa-epochs", "2",
-            "--sat-lr", "0.0005", "--sa-lr", "0.0005", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true"]
+            "--sat-lr", "0.0005", "--sa-lr", "0.0005", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true",
+            "--whisper-window", "trimmed", "--target-style", "model", "--sa-holdout", "1"]
     proc = run_sh(*opts)
     return {"exp": exp, "data": tmp / "data", "opts": opts, "stdout": proc.stdout}
 
@@ -69,9 +71,24 @@ def test_whisper_recipe_end_to_end(whisper_run):
     assert results["systems"]["nf4"]["wer"] < 100
     size = results["size_bytes"]
     assert size["nf4"] < size["fp32"]
-    meta = json.loads((exp / "adapters" / "pqm" / "george" / "pqm_adapter.json").read_text())
-    assert meta["init"] and meta["lora_params"] == results["params"]["lora_per_speaker"]
-    config = json.loads((exp / "adapters" / "pqm" / "george" / "adapter_config.json").read_text())
+    sat = json.loads((exp / "sat" / "pqm_adapter.json").read_text())
+    assert sat["window"] == "trimmed" and sat["target_style"] == "model"
+    for system in ("pqm", "nf4_sa"):  # an adapter kept by held-out WER, or the starting point
+        adapter = exp / "adapters" / system / "george"
+        meta = json.loads(next(adapter / f for f in ("pqm_adapter.json", "fallback.json")
+                               if (adapter / f).exists()).read_text())
+        errors = meta["held_out"]["errors_per_epoch"]
+        assert len(errors) == 3 and meta["kept_epoch"] == max(i for i, e in enumerate(errors) if e == min(errors))
+        kept = (adapter / "pqm_adapter.json").exists()
+        assert kept == (meta["kept_epoch"] > 0) and meta["utterances"] == 3
+        info = json.loads((exp / "decode" / system / "george" / "info.json").read_text())
+        assert info["window"] == ("trimmed" if kept or system == "pqm" else "padded")
+        assert ("fallback" in info) == (not kept)
+    for system in ("fp", "nf4"):
+        assert json.loads((exp / "decode" / system / "george" / "info.json").read_text())["window"] == "padded"
+    meta = json.loads((exp / "sat" / "pqm_adapter.json").read_text())
+    assert meta["lora_params"] == results["params"]["lora_per_speaker"]
+    config = json.loads((exp / "sat" / "adapter_config.json").read_text())
     assert "fc1" in config["target_modules"] and "q_proj" in config["target_modules"]
     nf4 = json.loads((exp / "nf4" / "nf4.json").read_text())
     assert nf4["config"]["embeddings"] == ["model.decoder.embed_tokens"]
