@@ -307,10 +307,13 @@ def restyled(cuts: CutSet, style: str, hyps: dict[str, str] | None) -> CutSet:
 def held_out_errors(rec, cuts: CutSet, normalise: Callable[[str], str]) -> Callable[[], tuple[int, int]]:
     """A function that decodes ``cuts`` with ``rec`` and returns (word errors, reference words)."""
     refs = {c.id: normalise(c.supervisions[0].text or "") for c in cuts}
+    # A hypothesis far longer than the reference is wrong whatever its end: stop it early, so that an
+    # adapter that loops (Whisper's fallback decodes up to six times) costs seconds, not minutes.
+    limit = 4 * max(len(r.split()) for r in refs.values()) + 16
 
     def evaluate() -> tuple[int, int]:
         rec.model.eval()  # no dropout; the next epoch sets train mode again
-        hyps = rec.transcribe(cuts, desc="held-out")
+        hyps = rec.transcribe(cuts, desc="held-out", max_new_tokens=limit)
         counts = count_errors([refs[u] for u in sorted(refs)], [normalise(hyps[u]) for u in sorted(refs)])
         return counts["errors"], counts["words"]
 

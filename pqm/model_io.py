@@ -132,8 +132,8 @@ class EspnetRecognizer:
     def set_window(self, window: str) -> None:
         """Whole utterances, whatever the window: only Whisper pads its input to a window."""
 
-    def transcribe(self, cuts, desc: str) -> dict[str, str]:
-        """Return ``{utterance id: best hypothesis}``."""
+    def transcribe(self, cuts, desc: str, max_new_tokens: int | None = None) -> dict[str, str]:
+        """Return ``{utterance id: best hypothesis}`` (the beam search ends by itself: no token limit)."""
         hyps = {}
         with torch.no_grad():
             for cut in tqdm(at_16k(cuts), desc=desc, unit="utt", mininterval=5):

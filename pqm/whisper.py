@@ -199,10 +199,13 @@ class WhisperRecognizer:
         """Decode with input features in ``window`` (see :func:`features`)."""
         self.window = window
 
-    def transcribe(self, cuts: CutSet, desc: str) -> dict[str, str]:
+    def transcribe(self, cuts: CutSet, desc: str, max_new_tokens: int | None = None) -> dict[str, str]:
+        """Return ``{utterance id: hypothesis}``; ``max_new_tokens`` lowers :data:`DECODING`'s limit."""
         cuts = list(cuts)
         hyps = {}
         opts = {k: v for k, v in DECODING.items() if k != "seed"}
+        if max_new_tokens is not None:
+            opts["max_new_tokens"] = min(max_new_tokens, opts["max_new_tokens"])
         torch.manual_seed(DECODING["seed"])  # the fallback samples: the same hypotheses on every run
         with torch.no_grad():
             for i in tqdm(range(0, len(cuts), self.batch_size), desc=desc, unit="batch", mininterval=5):
