@@ -217,3 +217,24 @@ def test_selection_keeps_the_best_epoch_and_ties_go_later():
     for _ in range(3):
         selection.after_epoch(model)
     assert selection.best_epoch == 0
+
+
+def test_run_sh_stages_1_to_3(so762_dir, tmp_path):
+    """run.sh --corpus speechocean762 through stages 1-3 on a few speakers of the shared copy."""
+    from test_recipe import run_sh
+
+    corpus = make_subset(so762_dir, tmp_path / "so762")
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    proc = run_sh("--corpus", "speechocean762", "--speechocean-dir", str(corpus), "--datadir", str(data),
+                  "--expdir", str(exp), "--model", "whisper", "--pretrained", str(WHISPER),
+                  "--adapt-per-speaker", "12", "--stop-stage", "3")
+    assert f"corpus: {corpus}" in proc.stdout and "nothing to prepare" in proc.stdout
+    speakers = json.loads((data / "manifests" / "speakers.json").read_text())
+    assert len(speakers["train"]) == 2 and len(speakers["test"]) == 2
+    assert "first 12 utterances by id" in speakers["rule"]
+    evaluation = CutSet.from_file(data / "manifests" / "speechocean762_cuts_eval.jsonl.gz")
+    assert len(evaluation) == 2 * 8
+    bad = run_sh("--corpus", "speechocean762", "--speechocean-dir", str(tmp_path / "nowhere"), "--datadir",
+                 str(tmp_path / "d2"), "--expdir", str(tmp_path / "e2"), "--model", "whisper", "--pretrained",
+                 str(WHISPER), "--stop-stage", "2", check=False)
+    assert bad.returncode != 0 and "nowhere does not exist" in bad.stdout + bad.stderr
