@@ -366,9 +366,9 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
                                  {"fp": file_digest(a.fp_dir / "model.safetensors"), "utterances": key["utterances"]})
         cuts = restyled(cuts, a.target_style, hyps)
     rec.set_window(a.window)
-    ids = sorted(c.id for c in cuts)
-    held_out = cuts.subset(cut_ids=ids[len(ids) - a.holdout:]) if a.holdout else None
-    train_cuts = cuts.filter(lambda c: c.id not in set(ids[len(ids) - a.holdout:])).to_eager() if a.holdout else cuts
+    held_ids = set(sorted(c.id for c in cuts)[len(cuts) - a.holdout:]) if a.holdout else set()
+    held_out = cuts.filter(lambda c: c.id in held_ids).to_eager() if held_ids else None
+    train_cuts = cuts.filter(lambda c: c.id not in held_ids).to_eager()
     base_fp = to_nf4(model, a.nf4_dir, device=a.device)
     if a.init is not None:
         model = load_adapter(model, a.init, base_fp, trainable=True)
