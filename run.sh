@@ -71,7 +71,7 @@ cmdline="$0 $*"
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (run.sh:${BASH_LINENO[0]}) $*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
-need() { [ -e "$1" ] || die "missing $1: run $2 first (e.g. ./run.sh --stage ${2#stage } --stop-stage ${2#stage })"; }
+need() { [ -e "$1" ] || die "missing $1: run $2 first (./run.sh --stage ${2#stage } --stop-stage ${2#stage } with the options you ran with: ${expdir}/run.cmd)"; }
 
 case "${model}" in
     conformer) ;;
@@ -121,6 +121,49 @@ mkdir -p "${expdir}/log" "${expdir}/timing" "${datadir}"
 echo "${cmdline}" >> "${expdir}/run.cmd"
 done_dir=${expdir}/.done
 mkdir -p "${done_dir}"
+
+# What each stage's outputs depend on. A done marker records the options of stages 1..N;
+# a stage whose record differs from this run's options is redone (with the later ones).
+table_digest() {  # the Kaldi tables (or cuts file) of each data set: an edited file counts as a changed option
+    local d f
+    for d in "$@"; do
+        if [ -f "${d}" ]; then cat "${d}"; continue; fi
+        for f in wav.scp text utt2spk segments; do [ ! -f "${d}/${f}" ] || cat "${d}/${f}"; done
+    done | sha256sum | cut -c1-16
+}
+data_tables=""
+[ "${corpus}" != custom ] || data_tables=$(table_digest "${train_data}" "${adapt_data}" "${eval_data}")
+stage_inputs=(
+    [1]="corpus datadir download_dir fsdd_dir speechocean_dir librispeech_dir tedlium_dir train_data adapt_data eval_data data_tables"
+    [2]="train_speakers test_speakers train_per_speaker adapt_per_digit adapt_per_speaker max_digits seed train_part test_parts train_utts valid_fraction"
+    [3]="model pretrained token_type nbpe train_config"
+    [4]="max_epoch"
+    [5]="nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings"
+    [6]="lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc"
+    [7]="sa_epochs sa_lr sa_holdout ctc_weight"
+    [8]="beam_size"
+    [9]=""
+)
+stage_options() {  # the options stages 1..$1 depend on, one "--name value" a line
+    local n v
+    for n in $(seq 1 "$1"); do
+        for v in ${stage_inputs[n]}; do
+            if [ "${v}" = data_tables ]; then echo "custom data tables ${data_tables}"; else echo "--${v//_/-} ${!v}"; fi
+        done
+    done
+}
+options_changed() {  # empty when stage $1's done marker records this run's options, else "was ...; now ..."
+    local marker=${done_dir}/stage$1 was now
+    [ -s "${marker}" ] || return 0  # no marker, or an empty one (an older pqm's): nothing recorded
+    was=$(diff "${marker}" <(stage_options "$1") | sed -n 's/^< //p' | paste -sd' ') || true
+    now=$(diff "${marker}" <(stage_options "$1") | sed -n 's/^> //p' | paste -sd' ') || true
+    [ -z "${was}${now}" ] || echo "was ${was:-(unset)}; now ${now:-(unset)}"
+}
+for n in $(seq 1 $((stage - 1))); do  # a skipped stage must have been done with this run's options
+    changed=$(options_changed "${n}")
+    [ -z "${changed}" ] || die "stage ${n} was done with other options (${changed}): rerun from there" \
+        "(./run.sh --stage ${n} with these options), or give the options it was run with (${expdir}/run.cmd)"
+done
 manifests=${datadir}/manifests
 cuts() { echo "${manifests}/${corpus}_cuts_$1.jsonl.gz"; }  # stage 2's lhotse cuts of set $1
 speaker_list=${expdir}/test_speakers.txt
@@ -133,10 +176,13 @@ opts_lora=(--lora-r "${lora_r}" --lora-alpha "${lora_alpha}" --lora-targets "${l
 run_stage() {
     local n=$1 title=$2 fn=$3
     if [ "${stage}" -gt "${n}" ] || [ "${stop_stage}" -lt "${n}" ]; then return 0; fi
-    if [ -f "${done_dir}/stage${n}" ]; then
+    local changed
+    changed=$(options_changed "${n}")
+    if [ -f "${done_dir}/stage${n}" ] && [ -z "${changed}" ]; then
         log "Stage ${n}: ${title}: already done (remove ${done_dir}/stage${n} to redo)"
         return 0
     fi
+    [ -z "${changed}" ] || log "Stage ${n}: options changed since it was done (${changed}): redoing it and the later stages"
     log "Stage ${n}: ${title}"
     local start=${SECONDS}
     local later rc
@@ -149,7 +195,7 @@ run_stage() {
     set -e
     [ "${rc}" -eq 0 ] || die "stage ${n} failed; see ${expdir}/log/stage${n}.log"
     echo $((SECONDS - start)) > "${expdir}/timing/stage${n}.seconds"
-    touch "${done_dir}/stage${n}"
+    stage_options "${n}" > "${done_dir}/stage${n}"
     log "Stage ${n} done in $((SECONDS - start)) s"
 }
 

@@ -95,3 +95,20 @@ def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, tmp_path):
     assert all(r["words"] == 5 and "missing" not in r for r in results["systems"].values())
     assert (exp / "adapters" / "pqm" / "george" / "adapter_model.safetensors").exists()
     assert "resampling to 16000 Hz" in (exp / "log" / "stage6.log").read_text()
+
+
+def test_edited_data_set_redoes_stage_2(dirs, tmp_path):
+    """The done marker of stage 2 records a digest of the data sets' tables: an edited transcript redoes it."""
+    from lhotse import CutSet
+
+    opts = ["--corpus", "custom", "--train-data", str(dirs["train"]), "--adapt-data", str(dirs["adapt"]),
+            "--eval-data", str(dirs["eval"]), "--datadir", str(tmp_path / "data"), "--expdir", str(tmp_path / "exp"),
+            "--stop-stage", "2"]
+    run_sh(*opts)
+    assert "already done" in run_sh(*opts).stdout
+    text = dirs["eval"] / "text"
+    text.write_text(text.read_text().replace("george-0-45 zero", "george-0-45 oh"))
+    proc = run_sh(*opts)
+    assert "Stage 1: options changed since it was done (was custom data tables" in proc.stdout
+    evaluation = CutSet.from_file(tmp_path / "data" / "manifests" / "custom_cuts_eval.jsonl.gz")
+    assert {c.supervisions[0].text for c in evaluation} == {"oh", "one", "two", "three", "four"}

@@ -238,3 +238,26 @@ def test_run_sh_stages_1_to_3(so762_dir, tmp_path):
                  str(tmp_path / "d2"), "--expdir", str(tmp_path / "e2"), "--model", "whisper", "--pretrained",
                  str(WHISPER), "--stop-stage", "2", check=False)
     assert bad.returncode != 0 and "nowhere does not exist" in bad.stdout + bad.stderr
+
+
+def test_changed_options_redo_a_done_stage(so762_dir, tmp_path):
+    """A done marker records the options its stage ran with: the same options skip it, a changed one
+    redoes it (and the later stages), and a changed option of a stage before --stage stops the run."""
+    from test_recipe import run_sh
+
+    corpus = make_subset(so762_dir, tmp_path / "so762", train=1, test=1)
+    opts = ["--corpus", "speechocean762", "--speechocean-dir", str(corpus), "--datadir", str(tmp_path / "data"),
+            "--expdir", str(tmp_path / "exp"), "--model", "whisper", "--pretrained", str(WHISPER)]
+    evaluation = tmp_path / "data" / "manifests" / "speechocean762_cuts_eval.jsonl.gz"
+    run_sh(*opts, "--adapt-per-speaker", "12", "--stop-stage", "3")
+    again = run_sh(*opts, "--adapt-per-speaker", "12", "--stop-stage", "3")
+    assert "Stage 2: lhotse manifests (and the speaker split): already done" in again.stdout
+    changed = run_sh(*opts, "--adapt-per-speaker", "5", "--stop-stage", "2")
+    assert ("Stage 2: options changed since it was done (was --adapt-per-speaker 12; now --adapt-per-speaker 5)"
+            in changed.stdout)
+    assert len(CutSet.from_file(evaluation)) == 15
+    assert not (tmp_path / "exp" / ".done" / "stage3").exists()
+    stale = run_sh(*opts, "--adapt-per-speaker", "12", "--stage", "3", "--stop-stage", "3", check=False)
+    assert stale.returncode != 0
+    assert "stage 2 was done with other options (was --adapt-per-speaker 5; now --adapt-per-speaker 12)" in stale.stderr
+    assert len(CutSet.from_file(evaluation)) == 15  # nothing was redone
