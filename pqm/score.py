@@ -19,15 +19,7 @@ from lhotse import CutSet
 from pqm.decode import SYSTEMS
 from pqm.families import FAMILIES, text_normaliser
 from pqm.fsutil import BadInput, atomic_path, cli, read_json, require, setup_logging, write_json, write_text
-
-
-def read_text_file(path: Path) -> dict[str, str]:
-    """Read a Kaldi ``text`` file into ``{utt: transcript}``."""
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        utt, _, text = line.partition(" ")
-        out[utt] = text.strip()
-    return out
+from pqm.kaldi_table import read_table
 
 
 def count_errors(refs: list[str], hyps: list[str]) -> dict:
@@ -60,7 +52,7 @@ def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str],
                 missing[spk] = info["missing"]
                 continue
             require(spk_dir / "text", "stage 8 (decoding)")
-            hyps = read_text_file(spk_dir / "text")
+            hyps = read_table(spk_dir / "text", "rerun stage 8")
             utts = sorted(u for u, s in speakers.items() if s == spk)
             lacking = [u for u in utts if u not in hyps]
             if lacking:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -52,6 +53,17 @@ def test_kaldi_dirs_become_the_recipe_manifests(dirs, tmp_path):
     (lambda d: (d / "wav.scp").write_text("jackson-0-0 /nonexistent/a.wav\n"), "audio files do not exist: /nonexistent/a.wav"),
     (lambda d: (d / "wav.scp").write_text("jackson-0-0 sox a.wav -t wav - |\n"), "are commands, not plain file paths"),
     (lambda d: (d / "utt2spk").unlink(), "utt2spk is missing"),
+    (lambda d: (d / "text").write_text("\ufeff" + (d / "text").read_text()), "starts with a UTF-8 byte-order mark"),
+    (lambda d: (d / "text").write_text((d / "text").read_text() + "jackson-0-0 zero\n"), "jackson-0-0 appears twice"),
+    (lambda d: (d / "wav.scp").write_text((d / "wav.scp").read_text().split("\n", 1)[1]),
+     "1 utterances in utt2spk have no line in wav.scp: jackson-0-0"),
+    (lambda d: _replace_audio(d, b""), "is not audio that libsndfile reads"),
+    (lambda d: _replace_audio(d, b"not audio at all"), "is not audio that libsndfile reads"),
+    (lambda d: _stereo(d), "recordings jackson-0-0 have more than one channel"),
+    (lambda d: _segments(d, "jackson-0-0 -0.5 0.2"), "must satisfy 0 <= start < end"),
+    (lambda d: _segments(d, "jackson-0-0 0.3 0.1"), "must satisfy 0 <= start < end"),
+    (lambda d: _segments(d, "nowhere 0 0.2"), "recording nowhere has no line in wav.scp"),
+    (lambda d: _segments(d, "jackson-0-0 0 99"), "ends at 99.0 s, after the end of"),
 ])
 def test_bad_kaldi_dir_is_named(dirs, tmp_path, damage, message):
     damage(dirs["train"])
@@ -59,6 +71,49 @@ def test_bad_kaldi_dir_is_named(dirs, tmp_path, damage, message):
         prepare_custom(dirs["train"], dirs["adapt"], dirs["eval"], tmp_path / "m")
     assert message in str(err.value)
     assert not (tmp_path / "m").exists()  # nothing written
+
+
+def _replace_audio(data: Path, content: bytes) -> None:
+    """The first recording becomes ``content`` (a copy, the shared corpus is read-only)."""
+    bad = data / "bad.wav"
+    bad.write_bytes(content)
+    lines = (data / "wav.scp").read_text().splitlines()
+    (data / "wav.scp").write_text("\n".join([f"{lines[0].split()[0]} {bad}", *lines[1:]]) + "\n")
+
+
+def _stereo(data: Path) -> None:
+    first = (data / "wav.scp").read_text().split()[1]
+    audio, rate = sf.read(first)
+    sf.write(data / "stereo.wav", np.stack([audio, audio], axis=1), rate)
+    lines = (data / "wav.scp").read_text().splitlines()
+    (data / "wav.scp").write_text("\n".join([f"jackson-0-0 {data / 'stereo.wav'}", *lines[1:]]) + "\n")
+
+
+def _segments(data: Path, first: str) -> None:
+    """A segments file: the first utterance as ``first`` (recording, start, end), the others whole."""
+    lines = [f"jackson-0-0 {first}"] + [f"{u} {u} 0 -1" for u in (data / "utt2spk").read_text().split()[2::2]]
+    (data / "segments").write_text("\n".join(lines) + "\n")
+
+
+def test_tables_in_any_whitespace_and_paths_with_spaces(dirs, tmp_path):
+    """A tab between key and value (speechocean762's own tables) and an audio path with a space are read;
+    a segments file with whole recordings (end -1) gives the same utterances."""
+    train = dirs["train"]
+    (train / "text").write_text((train / "text").read_text().replace(" ", "\t", 1))
+    spaced = tmp_path / "with space.wav"
+    spaced.write_bytes(Path((train / "wav.scp").read_text().split()[1]).read_bytes())
+    lines = (train / "wav.scp").read_text().splitlines()
+    (train / "wav.scp").write_text("\n".join([f"jackson-0-0 {spaced}", *lines[1:]]) + "\n")
+    _segments(train, "jackson-0-0 0 -1")
+    speakers = prepare_custom(train, dirs["adapt"], dirs["eval"], tmp_path / "m", valid_fraction=0.2)
+    assert speakers["train"] == ["jackson"]
+    from lhotse import CutSet
+
+    cuts = CutSet.from_file(tmp_path / "m" / "custom_cuts_train.jsonl.gz").to_eager()
+    cuts = cuts + CutSet.from_file(tmp_path / "m" / "custom_cuts_valid.jsonl.gz").to_eager()
+    assert {c.supervisions[0].text for c in cuts} == set(WORDS)
+    first = next(c for c in cuts if c.supervisions[0].id == "jackson-0-0")
+    assert first.recording.sources[0].source == str(spaced)
 
 
 def test_test_speaker_in_training_is_refused(dirs, tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pqm.decode import write_hyps
+from pqm.fsutil import BadInput
 from pqm.score import count_errors, markdown, score
 
 
@@ -38,7 +39,7 @@ def test_score_per_speaker_and_fallback(tmp_path):
 
 def test_missing_hypotheses_named(tmp_path):
     write_hyps(tmp_path / "fp" / "a", {"a-1": "one"}, {})
-    with pytest.raises(Exception, match="a-2"):
+    with pytest.raises(BadInput, match=r"fp/a/text lacks 1 utterances \(e.g. a-2\): rerun stage 8"):
         score(tmp_path, {"a-1": "one", "a-2": "two"}, {"a-1": "a", "a-2": "a"})
 
 

@@ -18,7 +18,8 @@ from lhotse.audio import AudioSource
 
 from conftest import ROOT, SHARED
 from pqm.fsutil import BadInput
-from pqm.recipes.speechocean762 import prepare_speechocean762, read_table
+from pqm.kaldi_table import read_table
+from pqm.recipes.speechocean762 import prepare_speechocean762
 from pqm.restyle import restyle, word_key
 
 SO762 = SHARED / "corpora" / "speechocean762"

@@ -1,8 +1,8 @@
 """Stage 2 for your own corpus: Kaldi data dirs (or lhotse cut manifests) into the recipe's manifests.
 
 Three inputs, each a Kaldi data directory (``wav.scp`` with plain file paths,
-``text``, ``utt2spk``, optionally ``segments``), read with lhotse's
-``load_kaldi_data_dir``, or a lhotse cuts manifest (``*.jsonl.gz``):
+``text``, ``utt2spk``, optionally ``segments``; keys end at a tab or a space)
+made into lhotse manifests here, or a lhotse cuts manifest (``*.jsonl.gz``):
 
 - ``--train``: training speakers (SAT, and Conformer training); a
   ``--valid-fraction`` of it (every n-th utterance by id) becomes the valid set;
@@ -10,10 +10,13 @@ Three inputs, each a Kaldi data directory (``wav.scp`` with plain file paths,
 - ``--eval``: the test speakers' evaluation utterances; its speakers are the
   test speakers.
 
-Everything is checked before anything is written: utterances without text,
-empty transcripts, missing audio files, commands in ``wav.scp``, mixed sample
-rates, unsafe speaker ids and a test speaker who is also a training speaker are
-errors that name the file and the utterance.
+Everything is checked before anything is written: utterances without text or
+audio, empty transcripts, a key twice in a table, a byte-order mark, missing or
+unreadable audio files, commands in ``wav.scp``, audio with more than one
+channel, mixed sample rates, segments outside their recording, unsafe speaker
+ids and a test speaker who is also a training speaker are errors that name the
+file and the utterance. Relative audio paths are read from the current folder
+(``run.sh`` runs in the repository root), and the log says so.
 """
 
 from __future__ import annotations
@@ -23,43 +26,84 @@ import logging
 from pathlib import Path
 
 import soundfile as sf
-from lhotse import CutSet, RecordingSet, SupervisionSet
-from lhotse.kaldi import load_kaldi_data_dir
+from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 
 from pqm.fsutil import BadInput, check_safe_id, cli, setup_logging
+from pqm.kaldi_table import read_table
 from pqm.manifests import write_speakers, write_utterance_set
 
 CORPUS = "custom"
-
-
-def _read_table(path: Path) -> dict[str, str]:
-    """A Kaldi table (``id rest-of-line``); a missing file is an error naming it."""
-    if not path.is_file():
-        raise BadInput(f"{path} is missing: a Kaldi data dir needs wav.scp, text and utt2spk")
-    table = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            key, _, rest = line.strip().partition(" ")
-            table[key] = rest.strip()
-    return table
 
 
 def _first(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def check_kaldi_dir(data_dir: Path) -> int:
-    """Check a Kaldi data dir before loading it; return its sample rate."""
-    wav = _read_table(data_dir / "wav.scp")
-    text = _read_table(data_dir / "text")
-    utt2spk = _read_table(data_dir / "utt2spk")
-    piped = [r for r, p in wav.items() if p.endswith("|") or " " in p]
+def _audio_info(path: str, data_dir: Path) -> sf._SoundFileInfo:
+    try:
+        return sf.info(path)
+    except sf.LibsndfileError as err:
+        raise BadInput(f"{data_dir}/wav.scp: {path} is not audio that libsndfile reads ({err}); "
+                       "convert it to WAV or FLAC") from None
+
+
+def _check_segments(data_dir: Path, wav: dict[str, str], durations: dict[str, float]) -> dict[str, tuple[str, float, float]]:
+    """Check ``segments`` (``utt recording start end``); return ``{utt: (recording, start, end)}``."""
+    segments = {}
+    for utt, rest in read_table(data_dir / "segments", allow_bom=False).items():
+        fields = rest.split()
+        where = f"{data_dir}/segments: {utt}"
+        if len(fields) != 3:
+            raise BadInput(f"{where}: a line needs 4 fields (utterance, recording, start, end), not {len(fields) + 1}")
+        recording, start, end = fields[0], *fields[1:]
+        if recording not in wav:
+            raise BadInput(f"{where}: recording {recording} has no line in wav.scp")
+        try:
+            start_s, end_s = float(start), float(end)
+        except ValueError:
+            raise BadInput(f"{where}: start and end must be seconds, not {start!r} {end!r}") from None
+        end_s = durations[recording] if end_s == -1 else end_s  # Kaldi: -1 is the end of the recording
+        if not 0 <= start_s < end_s:
+            raise BadInput(f"{where}: start {start} and end {end} must satisfy 0 <= start < end")
+        if end_s > durations[recording] + 0.01:
+            raise BadInput(f"{where}: ends at {end_s} s, after the end of {wav[recording]} "
+                           f"({durations[recording]:.2f} s)")
+        segments[utt] = (recording, start_s, min(end_s, durations[recording]))
+    return segments
+
+
+def read_kaldi_dir(data_dir: Path) -> tuple[RecordingSet, SupervisionSet]:
+    """Check a Kaldi data dir, then make its lhotse manifests (the utterances of ``utt2spk``)."""
+    needed = "a Kaldi data dir needs wav.scp, text and utt2spk"
+    wav, text, utt2spk = (read_table(data_dir / name, needed, allow_bom=False) for name in ("wav.scp", "text", "utt2spk"))
+    piped = [r for r, p in wav.items() if p.endswith("|")]
     if piped:
         raise BadInput(f"{data_dir}/wav.scp: recordings {_first(piped)} are commands, not plain file paths; "
                        "write the audio to files first")
     missing = [p for p in wav.values() if not Path(p).is_file()]
     if missing:
-        raise BadInput(f"{data_dir}/wav.scp: {len(missing)} audio files do not exist: {_first(missing)}")
+        raise BadInput(f"{data_dir}/wav.scp: {len(missing)} audio files do not exist: {_first(missing)}"
+                       + (f" (relative paths are read from {Path.cwd()})" if not Path(missing[0]).is_absolute() else ""))
+    relative = [p for p in wav.values() if not Path(p).is_absolute()]
+    if relative:
+        logging.info(f"{data_dir}/wav.scp: relative paths such as {relative[0]} are read from {Path.cwd()}")
+    infos = {r: _audio_info(p, data_dir) for r, p in wav.items()}
+    stereo = sorted(r for r, i in infos.items() if i.channels != 1)
+    if stereo:
+        raise BadInput(f"{data_dir}/wav.scp: recordings {_first(stereo)} have more than one channel: the recipe "
+                       "reads mono audio; mix them down first (e.g. sox in.wav -c 1 out.wav)")
+    rates = {i.samplerate for i in infos.values()}
+    if len(rates) != 1:
+        raise BadInput(f"{data_dir}/wav.scp: audio at several sample rates {sorted(rates)}: convert to one rate first")
+    if (data_dir / "segments").exists():
+        spans = _check_segments(data_dir, wav, {r: i.duration for r, i in infos.items()})
+        where = "segments"
+    else:
+        spans = {r: (r, 0.0, i.duration) for r, i in infos.items()}
+        where = "wav.scp"
+    unknown = sorted(u for u in utt2spk if u not in spans)
+    if unknown:
+        raise BadInput(f"{data_dir}: {len(unknown)} utterances in utt2spk have no line in {where}: {_first(unknown)}")
     no_text = sorted(u for u in utt2spk if u not in text)
     if no_text:
         raise BadInput(f"{data_dir}: {len(no_text)} utterances in utt2spk have no line in text: {_first(no_text)}")
@@ -68,19 +112,19 @@ def check_kaldi_dir(data_dir: Path) -> int:
         raise BadInput(f"{data_dir}/text: empty transcripts for {_first(empty)}: drop these utterances or give their text")
     for spk in set(utt2spk.values()):
         check_safe_id(spk, f"speaker id in {data_dir}/utt2spk")
-    rates = {sf.info(p).samplerate for p in wav.values()}
-    if len(rates) != 1:
-        raise BadInput(f"{data_dir}/wav.scp: audio at several sample rates {sorted(rates)}: convert to one rate first")
-    return rates.pop()
+    used = {spans[u][0] for u in utt2spk}
+    recordings = RecordingSet.from_recordings(Recording.from_file(wav[r], recording_id=r) for r in sorted(used))
+    supervisions = SupervisionSet.from_segments(
+        SupervisionSegment(id=u, recording_id=spans[u][0], start=spans[u][1], duration=spans[u][2] - spans[u][1],
+                           channel=0, text=text[u], speaker=spk)
+        for u, spk in sorted(utt2spk.items()))
+    return recordings, supervisions
 
 
 def load_input(path: Path) -> tuple[RecordingSet, SupervisionSet]:
     """Load a Kaldi data dir or a lhotse cuts manifest, after checking it."""
     if path.is_dir():
-        recs, sups, _ = load_kaldi_data_dir(path, sampling_rate=check_kaldi_dir(path))
-        if sups is None:
-            raise BadInput(f"{path}: no supervisions (text and utt2spk) could be read")
-        return recs, sups
+        return read_kaldi_dir(path)
     if not path.is_file():
         raise BadInput(f"{path}: neither a Kaldi data dir nor a lhotse cuts manifest")
     cuts = CutSet.from_file(path).to_eager()

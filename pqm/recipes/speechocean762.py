@@ -25,26 +25,12 @@ from pathlib import Path
 from lhotse import Recording, SupervisionSegment
 
 from pqm.fsutil import BadInput, cli, setup_logging
+from pqm.kaldi_table import read_table
 from pqm.manifests import write_speakers, write_utterance_set
 from pqm.recipes.speakers import recipe_parser, split_test_speakers
 
 CORPUS = "speechocean762"
 AUDIO_EXTENSIONS = (".WAV", ".wav", ".flac")
-
-
-def read_table(path: Path) -> dict[str, str]:
-    """A Kaldi table: the key, then the rest of the line after any whitespace (tab or spaces)."""
-    if not path.is_file():
-        raise BadInput(f"{path} is missing: speechocean762's {path.parent.name}/ needs wav.scp, text, utt2spk and spk2age")
-    table = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        fields = line.split(maxsplit=1)
-        if not fields:
-            continue
-        if fields[0] in table:
-            raise BadInput(f"{path}:{number}: {fields[0]} appears twice")
-        table[fields[0]] = fields[1].strip() if len(fields) > 1 else ""
-    return table
 
 
 def audio_path(corpus_dir: Path, relative: str) -> Path:
@@ -67,7 +53,8 @@ def age_group(age: str | None) -> str:
 def read_part(corpus_dir: Path, part: str) -> tuple[list[Recording], list[SupervisionSegment], dict[str, str]]:
     """Recordings, supervisions and ages (``spk2age``) of one part, checked before anything is written."""
     folder = corpus_dir / part
-    wav, text, utt2spk = (read_table(folder / name) for name in ("wav.scp", "text", "utt2spk"))
+    needed = f"speechocean762's {folder.name}/ needs wav.scp, text, utt2spk and spk2age"
+    wav, text, utt2spk = (read_table(folder / name, needed) for name in ("wav.scp", "text", "utt2spk"))
     ages = read_table(folder / "spk2age") if (folder / "spk2age").is_file() else {}
     lacking = sorted(u for u in utt2spk if u not in wav or u not in text)
     if lacking:
