@@ -117,6 +117,9 @@ case "${cmd_backend}" in
     *) die "--cmd-backend ${cmd_backend}: use local or slurm" ;;
 esac
 [ -z "${pretrained}" ] || [ "${model}" = whisper ] || [ -d "${pretrained}" ] || die "--pretrained ${pretrained}: no such folder"
+if [ "${model}" = whisper ] && [ ! -d "${pretrained}" ] && ! [[ "${pretrained}" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$ ]]; then
+    die "--pretrained ${pretrained}: no such folder, and not a Hugging Face model name (owner/name, e.g. openai/whisper-tiny.en)"
+fi
 mkdir -p "${expdir}/log" "${expdir}/timing" "${datadir}"
 echo "${cmdline}" >> "${expdir}/run.cmd"
 done_dir=${expdir}/.done

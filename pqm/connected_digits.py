@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+from lhotse.audio.utils import AudioLoadingError
 from tqdm import tqdm
 
 from pqm.fsutil import BadInput, atomic_path, check_safe_id
@@ -120,7 +121,7 @@ def _load_16k(recordings: RecordingSet, ids: set[str]) -> dict[str, np.ndarray]:
         rec = recordings[rec_id]
         try:
             audio[rec_id] = rec.resample(SAMPLE_RATE).load_audio()[0]
-        except Exception as exc:
+        except (sf.LibsndfileError, AudioLoadingError) as exc:  # the audio libraries' decoding errors only
             source = rec.sources[0].source
             raise BadInput(f"cannot read audio file {source}: {exc}; replace or delete it") from exc
     return audio

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pqm.batches import SAMPLING_RATE, at_16k
 from pqm.fsutil import atomic_path, check_safe_id, cli, setup_logging, write_text
 from pqm.manifests import SETS, load_set, manifest_path
-from pqm.tokens import TOKEN_TYPES, TokenEncoder, build_token_list, token_dir_name, train_bpe
+from pqm.tokens import TOKEN_TYPES, TokenEncoder, build_token_list, check_word_transcripts, token_dir_name, train_bpe
 
 
 def whole_16k_files(recs: RecordingSet, sups: SupervisionSet) -> bool:
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             tokens = train_bpe(train_texts, a.nbpe, tmp)
             tokenizer = TokenEncoder(tokens, "bpe", tmp / "bpe.model")
         else:
+            check_word_transcripts((f"utterance {sup.id} in {manifest_path(manifests, a.corpus, 'supervisions', name)}",
+                                    sup.text or "") for name, (_, sups) in sets.items() for sup in sups)
             tokens = build_token_list(train_texts)
             write_text(tmp / "tokens.txt", "\n".join(tokens) + "\n")
             tokenizer = TokenEncoder(tokens)

@@ -2,8 +2,9 @@
 
 Stage 3 writes ``<datadir>/token_list/<word|bpe_unigramN>/tokens.txt`` (and
 ``bpe.model``) the way ESPnet's ``asr.sh`` does: sentencepiece's unigram
-trainer on the training transcripts, then ESPnet's ``tokenize_text`` for the
-vocabulary. Later stages read the tokens from the model's own ``config.yaml``
+trainer on the training transcripts, and every piece of it (``bpe.vocab``) in
+the token list. Word tokens: every word of the training transcripts, which
+must not mix casings of one word or carry punctuation. Later stages read the tokens from the model's own ``config.yaml``
 (``token_list``, ``token_type``, ``bpemodel``), so an adapter is always
 trained on the ids its model was trained with.
 """
@@ -11,6 +12,7 @@ trained on the ids its model was trained with.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -33,15 +35,35 @@ def build_token_list(texts: Iterable[str]) -> list[str]:
     return [BLANK, UNK, *words, SOS_EOS]
 
 
+def check_word_transcripts(transcripts: Iterable[tuple[str, str]]) -> None:
+    """Word tokens take each word as written: refuse punctuation and one word in several casings.
+
+    ``transcripts`` gives (where, text) pairs; the error names the first offending ones.
+    """
+    punctuated: list[str] = []
+    casings: dict[str, dict[str, str]] = {}
+    for where, text in transcripts:
+        for word in text.split():
+            if re.search(r"[^\w'-]", word) and len(punctuated) < 3:
+                punctuated.append(f"{word!r} ({where})")
+            casings.setdefault(word.lower(), {}).setdefault(word, where)
+    mixed = [" and ".join(f"{w!r} ({where})" for w, where in forms.items()) for forms in casings.values() if len(forms) > 1]
+    problems = ([f"punctuation in {', '.join(punctuated)}"] if punctuated else []) + (
+        [f"one word in several casings: {'; '.join(mixed[:3])}"] if mixed else [])
+    if problems:
+        raise BadInput(f"word tokens take words as written, so {'; and '.join(problems)} would be different "
+                       "words: write the transcripts in one casing without punctuation, or use --token-type bpe")
+
+
 def train_bpe(texts: list[str], nbpe: int, out_dir: Path) -> list[str]:
     """Train a sentencepiece unigram model on ``texts`` into ``out_dir/bpe.model``; return ESPnet's token list.
 
-    Options as in ESPnet's ``asr.sh`` (character coverage 1.0); the token list
-    is ``<blank> <unk>`` + the pieces by frequency in ``texts`` + ``<sos/eos>``
-    (ESPnet's ``tokenize_text --write_vocabulary``).
+    As ESPnet's ``asr.sh`` does: character coverage 1.0, and the token list is
+    ``<blank> <unk>`` + every piece of the model (``bpe.vocab`` without its
+    ``<unk> <s> </s>``) + ``<sos/eos>``, so any text in the training characters
+    has ids.
     """
     import sentencepiece as spm
-    from espnet2.bin.tokenize_text import tokenize
 
     out_dir.mkdir(parents=True, exist_ok=True)
     text_file = out_dir / "train_text.txt"
@@ -51,16 +73,18 @@ def train_bpe(texts: list[str], nbpe: int, out_dir: Path) -> list[str]:
                                        model_type="unigram", character_coverage=1.0,
                                        input_sentence_size=100_000_000, minloglevel=2)
     except RuntimeError as err:
-        raise BadInput(f"sentencepiece could not make {nbpe} pieces from {len(texts)} training transcripts "
-                       f"({err}); choose a smaller --nbpe") from err
-    tokens_file = out_dir / "tokens.txt"
-    tokenize(input=str(text_file), output=str(tokens_file), field=None, delimiter=None, token_type="bpe",
-             space_symbol="<space>", non_linguistic_symbols=None, bpemodel=str(out_dir / "bpe.model"),
-             log_level="WARNING", write_vocabulary=True, vocabulary_size=0, remove_non_linguistic_symbols=False,
-             cutoff=0, add_symbol=[f"{BLANK}:0", f"{UNK}:1", f"{SOS_EOS}:-1"], cleaner=None, g2p=None,
-             add_nonsplit_symbol=[])
-    text_file.unlink()
-    tokens = read_token_list(tokens_file)
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))
+        most = re.search(r"Please set it to a value <= (\d+)", str(err))
+        advice = (f"choose a larger --nbpe (at least {needed.group(1)}: the characters and sentencepiece's own pieces)"
+                  if needed else f"choose a smaller --nbpe (at most {most.group(1)})" if most else "choose another --nbpe")
+        raise BadInput(f"sentencepiece could not make {nbpe} pieces from {len(texts)} training transcripts: "
+                       f"{advice}") from err
+    finally:
+        text_file.unlink()
+    vocab = (out_dir / "bpe.vocab").read_text(encoding="utf-8").splitlines()
+    pieces = [line.split("\t")[0] for line in vocab[3:]]  # after sentencepiece's <unk> <s> </s>
+    tokens = [BLANK, UNK, *pieces, SOS_EOS]
+    (out_dir / "tokens.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
     logging.info(f"sentencepiece unigram model {out_dir / 'bpe.model'}: {len(tokens)} tokens")
     return tokens
 
@@ -88,7 +112,12 @@ class TokenEncoder:
         tokens = self.tokenizer.text2tokens(text)
         unknown = sorted({t for t in tokens if t not in self.converter.token2id or t in (BLANK, UNK, SOS_EOS)})
         if unknown:
-            what = "words" if self.token_type == "word" else "pieces (characters unseen in training)"
+            what = "words" if self.token_type == "word" else "pieces"
+            if self.token_type == "bpe":  # every piece is listed: an unknown one holds a character never seen
+                known = {c for t in self.token_list for c in t}
+                unseen = sorted({c for t in unknown for c in t if c not in known})
+                if unseen:
+                    what, unknown = "characters unseen in training", unseen
             raise BadInput(
                 f"transcript{' of ' + where if where else ''} has {what} outside the token list: "
                 f"{unknown}; fix the transcript or rebuild the token list (stage 3)"

@@ -41,8 +41,9 @@ def is_whisper_dir(path: Path) -> bool:
         return False
     try:
         return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "whisper"
-    except json.JSONDecodeError:
-        return False
+    except json.JSONDecodeError as err:
+        raise BadInput(f"{config} is not valid JSON ({err}): restore the model folder "
+                       "(a Whisper folder's config.json comes with the model)") from None
 
 
 def export_pretrained(source: str, out_dir: Path) -> None:

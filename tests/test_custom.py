@@ -116,6 +116,19 @@ def test_tables_in_any_whitespace_and_paths_with_spaces(dirs, tmp_path):
     assert first.recording.sources[0].source == str(spaced)
 
 
+def test_evaluation_overlapping_adaptation_is_refused(dirs, tmp_path):
+    """The same utterance ids, or other ids for the same audio files, in the adaptation and evaluation sets."""
+    with pytest.raises(BadInput, match=r"overlaps the adaptation set .*utterances george-0-0, george-1-0, george-2-0"):
+        prepare_custom(dirs["train"], dirs["adapt"], dirs["adapt"], tmp_path / "m")
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for name in ("wav.scp", "text", "utt2spk"):
+        (renamed / name).write_text((dirs["adapt"] / name).read_text().replace("george-", "g2-"))
+    with pytest.raises(BadInput, match=r"overlaps the adaptation set .*audio files .*0_george_0.wav"):
+        prepare_custom(dirs["train"], dirs["adapt"], renamed, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_test_speaker_in_training_is_refused(dirs, tmp_path):
     with pytest.raises(BadInput, match=r"speakers \['george'\] are in the training set"):
         prepare_custom(dirs["eval"], dirs["adapt"], dirs["eval"], tmp_path / "m")

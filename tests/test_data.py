@@ -9,7 +9,7 @@ from conftest import make_fsdd_subset
 from pqm.connected_digits import DigitTaskConfig, make_connected_digits, plan_utterances
 from pqm.fsutil import BadInput, MissingInput, check_safe_id
 from pqm.recipes.fsdd import prepare_fsdd
-from pqm.tokens import TokenEncoder, build_token_list, train_bpe
+from pqm.tokens import TokenEncoder, build_token_list, check_word_transcripts, train_bpe
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,20 @@ def test_corrupt_and_empty_audio_named(fsdd_dir, tmp_path):
     assert (root / "recordings" / "4_george_0.wav").exists()  # nothing deleted
 
 
+def test_a_bug_while_reading_audio_is_not_called_corrupt_audio(fsdd_dir, tmp_path, monkeypatch):
+    """Only the audio libraries' decoding errors mean bad data; any other exception keeps its traceback."""
+    from lhotse import Recording
+
+    root = make_fsdd_subset(tmp_path / "c", ["george"], per_digit=1)
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not bad audio")
+
+    monkeypatch.setattr(Recording, "from_file", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        prepare_fsdd(root)
+
+
 def test_missing_corpus(tmp_path):
     with pytest.raises(MissingInput, match="stage 1"):
         prepare_fsdd(tmp_path)
@@ -95,19 +109,30 @@ def test_tokenizer_refuses_unknown_and_empty():
         tok.encode("  ")
 
 
+def test_word_tokens_refuse_punctuation_and_mixed_casing():
+    check_word_transcripts([("u1", "three four"), ("u2", "don't re-enter")])
+    with pytest.raises(BadInput, match=r"punctuation in 'three\.' \(u2\)"):
+        check_word_transcripts([("u1", "three four"), ("u2", "three.")])
+    with pytest.raises(BadInput, match=r"several casings: 'three' \(u1\) and 'THREE' \(u3\)"):
+        check_word_transcripts([("u1", "three four"), ("u2", "four"), ("u3", "THREE")])
+
+
 def test_bpe_token_list_and_encoder(tmp_path):
     texts = ["one two three", "four five six", "seven eight nine zero", "two four six eight"] * 5
     tokens = train_bpe(texts, 25, tmp_path)
-    assert tokens[:2] == ["<blank>", "<unk>"] and tokens[-1] == "<sos/eos>" and len(tokens) <= 28
+    assert tokens[:2] == ["<blank>", "<unk>"] and tokens[-1] == "<sos/eos>" and len(tokens) == 25
     assert (tmp_path / "bpe.model").is_file() and (tmp_path / "tokens.txt").read_text().split() == tokens
     tok = TokenEncoder(tokens, "bpe", tmp_path / "bpe.model")
     ids = tok.encode("nine one")
     assert ids and all(0 < i < len(tokens) - 1 for i in ids) and tokens.index("<unk>") not in ids
     assert "".join(tokens[i] for i in ids).replace("▁", " ").strip() == "nine one"
-    with pytest.raises(BadInput, match="characters unseen in training"):
+    assert tok.encode("net ruin")  # new words of the training characters have pieces
+    with pytest.raises(BadInput, match=r"characters unseen in training outside the token list: \['q'\]"):
         tok.encode("one qux")
-    with pytest.raises(BadInput, match="choose a smaller --nbpe"):
+    with pytest.raises(BadInput, match=r"choose a smaller --nbpe \(at most 25\)"):
         train_bpe(texts, 500, tmp_path / "big")
+    with pytest.raises(BadInput, match=r"choose a larger --nbpe \(at least 19"):
+        train_bpe(texts, 10, tmp_path / "small")
 
 
 def test_model_zoo_paths_are_found(tmp_path, monkeypatch):

@@ -39,6 +39,15 @@ def test_not_a_whisper_folder_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_corrupt_config_json_is_named(tmp_path):
+    """A Whisper folder whose config.json is damaged is not taken for an ESPnet folder."""
+    from pqm.families import family_of
+
+    (tmp_path / "config.json").write_text('{"model_type": "whisper", ')
+    with pytest.raises(BadInput, match="config.json is not valid JSON"):
+        family_of(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def whisper_run(whisper_dir, fsdd_dir, tmp_path_factory):
     """All nine stages with --model whisper on a few utterances: SAT on jackson, adaptation on george;
@@ -112,6 +121,9 @@ def test_embedding_quantisation_is_most_of_the_saving(whisper_run, tmp_path):
     assert "proj_out" in json.loads((tmp_path / "nf4" / "nf4.json").read_text())["config"]["keep_fp"]
 
 
-def test_whisper_needs_a_pretrained_model():
+def test_whisper_needs_a_pretrained_model(tmp_path):
     proc = run_sh("--model", "whisper", check=False)
     assert proc.returncode != 0 and "--model whisper needs --pretrained" in proc.stderr
+    proc = run_sh("--model", "whisper", "--pretrained", "/nonexistent", "--expdir", str(tmp_path / "e"), check=False)
+    assert proc.returncode != 0 and "--pretrained /nonexistent: no such folder" in proc.stderr
+    assert not (tmp_path / "e").exists()  # refused before any stage ran

@@ -16,8 +16,11 @@ python3 -m venv "${venv}"
 pip="${venv}/bin/python -m pip --disable-pip-version-check -q"
 # pip 24+ refuses ci_sdr's sdist (an espnet requirement with a git URL extra); keep 23.2.1.
 ${pip} install "pip==23.2.1"
-# The CPU torch wheel lies on local disk; without the +cpu pin pip may fetch a CUDA build.
-${pip} install "torch==2.13.0+cpu" 2>/dev/null || ${pip} install "torch==2.13.0"
+# The CPU torch wheel lies on local disk; without the +cpu pin pip may fetch a CUDA build of
+# several GB. Elsewhere set PQM_TORCH (e.g. PQM_TORCH="torch==2.13.0" for a CUDA machine).
+torch_pin=${PQM_TORCH:-torch==2.13.0+cpu}
+${pip} install "${torch_pin}" || { echo "setup_venv.sh: pip could not install ${torch_pin} (its error is above);" \
+    "where the local CPU wheel is absent, choose a build with PQM_TORCH, e.g. PQM_TORCH='torch==2.13.0'" >&2; exit 1; }
 # espnet 202511 pins setuptools<74, which torch 2.13 contradicts: install it without deps,
 # then its requirements (tools/requirements.txt) minus setuptools.
 ${pip} install --no-deps "espnet==202511" "torchaudio==2.11.0" "ci_sdr==0.0.2"

@@ -128,6 +128,10 @@ def load_input(path: Path) -> tuple[RecordingSet, SupervisionSet]:
     if not path.is_file():
         raise BadInput(f"{path}: neither a Kaldi data dir nor a lhotse cuts manifest")
     cuts = CutSet.from_file(path).to_eager()
+    ids = sorted(s.id for c in cuts for s in c.supervisions)
+    twice = sorted({a for a, b in zip(ids, ids[1:]) if a == b})
+    if twice:
+        raise BadInput(f"{path}: utterances {_first(twice)} appear more than once")
     sups = SupervisionSet.from_segments([s for c in cuts for s in c.supervisions])
     recs = RecordingSet.from_recordings({c.recording.id: c.recording for c in cuts}.values())
     empty = [s.id for s in sups if not (s.text or "").strip()]
@@ -159,6 +163,13 @@ def prepare_custom(train: Path, adapt: Path, evaluation: Path, manifest_dir: Pat
     if both:
         raise BadInput(f"speakers {both} are in the training set ({train}) and in a test set ({adapt}, {evaluation}): "
                        "a test speaker must be unseen in training")
+    shared_ids = sorted({s.id for s in inputs["adapt"][1]} & {s.id for s in inputs["eval"][1]})
+    sources = lambda recs: {src.source for r in recs for src in r.sources if src.type == "file"}  # noqa: E731
+    shared_audio = sorted(sources(inputs["adapt"][0]) & sources(inputs["eval"][0]))
+    if shared_ids or shared_audio:
+        raise BadInput(f"the evaluation set ({evaluation}) overlaps the adaptation set ({adapt}): "
+                       + (f"utterances {_first(shared_ids)}" if shared_ids else f"audio files {_first(shared_audio)}")
+                       + " are in both; evaluation speech must be unseen in adaptation")
     extra = sorted(set(speakers["adapt"]) - set(speakers["eval"]))
     if extra:
         logging.warning(f"{adapt}: speakers {extra} have no evaluation utterances in {evaluation}: not test speakers")

@@ -80,16 +80,14 @@ def parse_name(stem: str) -> tuple[int, str, int]:
 
 def _recording(path: Path) -> Recording:
     """Build a Recording, turning unreadable audio into an error that names the file."""
+    fix = "Restore it from the FSDD release (./run.sh --stage 1 with --fsdd-dir pointing at a good copy) or delete it."
     try:
         info = sf.info(str(path))
-        if info.frames == 0:
-            raise ValueError("it holds no audio samples")
-        return Recording.from_file(path, recording_id=path.stem)
-    except Exception as exc:  # soundfile and lhotse raise several types here
-        raise BadInput(
-            f"corrupt or empty audio file {path}: {exc}. Restore it from the FSDD "
-            f"release (./run.sh --stage 1 with --fsdd-dir pointing at a good copy) or delete it."
-        ) from exc
+    except sf.LibsndfileError as exc:
+        raise BadInput(f"corrupt audio file {path}: {exc}. {fix}") from exc
+    if info.frames == 0:
+        raise BadInput(f"empty audio file {path}: it holds no audio samples. {fix}")
+    return Recording.from_file(path, recording_id=path.stem)
 
 
 def prepare_fsdd(
