@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -49,16 +50,32 @@ def check_safe_id(value: str, what: str = "speaker id") -> str:
     return value
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it onto ``path`` only on success.
 
     Works for files and folders, so a stage killed half-way never leaves a
-    half-written output under the final name.
+    half-written output under the final name. The temporary folder's name holds
+    the writer's process id: one left by a killed process is removed by the next
+    writer of ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.pid*.*"):
+        pid = stale.name[len(path.name) + 5:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.pid{os.getpid()}.", dir=path.parent)) / path.name
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():

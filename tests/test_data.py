@@ -177,3 +177,19 @@ def test_stage3_refuses_words_outside_the_token_list(corpus, tmp_path):
     with pytest.raises(BadInput, match=f"{bad_id}.*eleven"):
         espnet_data(["--datadir", str(tmp_path)])
     assert (tmp_path / "manifests" / "fsdd_cuts_eval.jsonl.gz").exists()  # nothing lost
+
+
+def test_temporary_output_of_a_killed_writer_is_removed_by_the_next(tmp_path):
+    """atomic_path: a process killed while writing leaves its temporary folder; the next writer removes it."""
+    import subprocess
+    import sys
+
+    from pqm.fsutil import atomic_path
+
+    code = (f"import os\nfrom pqm.fsutil import atomic_path\nwith atomic_path({str(tmp_path / 'out')!r}) as t:\n"
+            "    t.write_text('half'); os._exit(9)")
+    subprocess.run([sys.executable, "-c", code], check=False)
+    assert [p.name for p in tmp_path.iterdir()][0].startswith(".out.pid")
+    with atomic_path(tmp_path / "out") as tmp:
+        tmp.write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out").read_text() == "whole"
