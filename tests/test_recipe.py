@@ -282,3 +282,12 @@ def test_bad_options_and_missing_inputs(tmp_path):
     assert "fp/model.safetensors: run stage 4 first" in proc.stderr + proc.stdout
     proc = run_sh("--model", "rnn", check=False)
     assert proc.returncode != 0 and "--model rnn" in proc.stderr
+    for option, value, message in (("--sa-epochs", "-1", "a positive integer is needed"),
+                                   ("--lora-r", "0", "a positive integer is needed"),
+                                   ("--beam-size", "0", "a positive integer is needed"),
+                                   ("--sa-holdout", "x", "a number >= 0 is needed"),
+                                   ("--nf4-embeddings", "maybe", "use true or false"),
+                                   ("--nf4-double-quant", "yes", "use true or false")):
+        proc = run_sh(option, value, "--expdir", str(tmp_path / "refused"), check=False)
+        assert proc.returncode != 0 and f"{option} {value}: {message}" in proc.stderr, option
+    assert not (tmp_path / "refused").exists()  # refused before anything was written

@@ -37,6 +37,17 @@ def test_score_per_speaker_and_fallback(tmp_path):
     json.dumps(results)
 
 
+def test_relative_change_against_a_perfect_fp_is_na(tmp_path):
+    """fp with no errors: every relative change against it is n/a, not +0.0."""
+    refs, speakers = {"a-1": "one two"}, {"a-1": "a"}
+    for system, hyp in (("fp", "one two"), ("nf4", "one"), ("nf4_sat", "one two"), ("nf4_sa", "one"), ("pqm", "one two")):
+        write_hyps(tmp_path / system / "a", {"a-1": hyp}, {"system": system})
+    results = {"corpus": "c", "model": "m", "test_speakers": ["a"], "systems": score(tmp_path, refs, speakers),
+               "size_bytes": {"fp32": 800, "nf4": 100}, "params": {"base": 1000, "lora_per_speaker": 9}}
+    table = markdown(results)
+    assert "| fp | 0.00 | 0 | 2 | n/a | -100.0 |" in table and "| nf4 | 50.00 | 1 | 2 | n/a | +0.0 |" in table
+
+
 def test_missing_hypotheses_named(tmp_path):
     write_hyps(tmp_path / "fp" / "a", {"a-1": "one"}, {})
     with pytest.raises(BadInput, match=r"fp/a/text lacks 1 utterances \(e.g. a-2\): rerun stage 8"):

@@ -170,6 +170,16 @@ def test_trimmed_window_equals_padded_for_a_full_window(whisper_dir):
     assert torch.equal(a, b)
 
 
+def test_audio_over_30_s_is_refused_in_either_window(whisper_dir):
+    from pqm.whisper import features, load_processor
+
+    processor = load_processor(whisper_dir)
+    long = _array_cut(torch.zeros(16000 * 31).numpy())
+    for window in ("padded", "trimmed"):
+        with pytest.raises(BadInput, match="utterances x are longer than Whisper's 30 s window"):
+            features(processor, [long], window)
+
+
 def _array_cut(audio) -> MonoCut:
     """A cut of in-memory audio (16 kHz WAVE bytes)."""
     buf = io.BytesIO()
