@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 stage=1                 # first stage to run
 stop_stage=9            # last stage to run
 nj=2                    # parallel jobs for per-speaker work (stages 7, 8)
-threads=0               # threads per job (0: cores / jobs)
+threads=0               # threads per job (0: cores / jobs); passed to ${cmd} as Kaldi's --num-threads
 expdir=""               # experiment folder (default: exp/<corpus>_<model>)
 datadir=data            # data folder (manifests, audio, Kaldi dirs)
 model=conformer         # model family: conformer (ESPnet, trained in stage 4) or whisper (transformers, --pretrained)
@@ -100,7 +100,7 @@ fi
 for opt in nj ngpu; do
     [[ "${!opt}" =~ ^[1-9][0-9]*$ ]] || die "--${opt} ${!opt}: a positive integer is needed"
 done
-for opt in sat_nproc sa_holdout; do
+for opt in threads sat_nproc sa_holdout; do
     [[ "${!opt}" =~ ^[0-9]+$ ]] || die "--${opt//_/-} ${!opt}: a number >= 0 is needed"
 done
 for opt in sat_epochs sa_epochs lora_r lora_alpha beam_size; do
@@ -170,6 +170,8 @@ done
 manifests=${datadir}/manifests
 cuts() { echo "${manifests}/${corpus}_cuts_$1.jsonl.gz"; }  # stage 2's lhotse cuts of set $1
 speaker_list=${expdir}/test_speakers.txt
+thread_opts=()  # Kaldi's --num-threads; without it pqm.launch gives each job cores / jobs
+[ "${threads}" -eq 0 ] || thread_opts=(--num-threads "${threads}")
 opts_nf4=(--fp-dir "${expdir}/fp" --nf4-dir "${expdir}/nf4" --device "${device}")
 opts_lora=(--lora-r "${lora_r}" --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}" --seed "${seed}"
     --window "${whisper_window}" --target-style "${target_style}")
@@ -342,7 +344,7 @@ stage7() {
         local init=()
         [ "${system}" = pqm ] && init=(--init "${expdir}/sat")
         log "per-speaker ${system} adapters for ${n} speakers (logs: ${expdir}/log/adapt_${system}.*.log)"
-        ${cmd} --max-jobs "${nj}" --threads "${threads}" --task-names "${speaker_list}" "JOB=1:${n}" "${expdir}/log/adapt_${system}.JOB.log" \
+        PQM_TASK_NAMES=${speaker_list} ${cmd} --max-jobs-run "${nj}" "${thread_opts[@]}" "JOB=1:${n}" "${expdir}/log/adapt_${system}.JOB.log" \
             python -m pqm.adapt "${opts_nf4[@]}" "${opts_lora[@]}" "${init[@]}" \
             --cuts "$(cuts adapt)" --speaker-list "${speaker_list}" --job JOB \
             --epochs "${sa_epochs}" --lr "${sa_lr}" --holdout "${sa_holdout}" --ctc-weight "${ctc_weight}" \
@@ -356,7 +358,7 @@ stage8() {
     local n
     n=$(test_speaker_list)
     log "decoding ${n} speakers with every system (logs: ${expdir}/log/decode.*.log)"
-    ${cmd} --max-jobs "${nj}" --threads "${threads}" --task-names "${speaker_list}" "JOB=1:${n}" "${expdir}/log/decode.JOB.log" \
+    PQM_TASK_NAMES=${speaker_list} ${cmd} --max-jobs-run "${nj}" "${thread_opts[@]}" "JOB=1:${n}" "${expdir}/log/decode.JOB.log" \
         python -m pqm.decode "${opts_nf4[@]}" --sat-dir "${expdir}/sat" --adapter-dir "${expdir}/adapters" \
         --cuts "$(cuts eval)" --speaker-list "${speaker_list}" --job JOB \
         --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" --out "${expdir}/decode"

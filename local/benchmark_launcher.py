@@ -35,7 +35,7 @@ def bare_baseline(n: int) -> float:
 def run_backend(backend: str, n: int, workdir: Path, config: Path, max_jobs: int) -> float:
     log = workdir / backend / "t.JOB.log"
     argv = [sys.executable, "-m", "pqm.launch", "--backend", backend, "--config", str(config),
-            "--max-jobs", str(max_jobs), "--threads", "1", f"JOB=1:{n}", str(log), "true"]
+            "--max-jobs-run", str(max_jobs), "--num-threads", "1", f"JOB=1:{n}", str(log), "true"]
     start = time.perf_counter()
     subprocess.run(argv, check=True)
     wall = time.perf_counter() - start

@@ -51,8 +51,9 @@ from tqdm import tqdm
 
 from pqm.families import batch_iterator, default_lora_targets, family_of, recognizer, text_normaliser
 from pqm.fsutil import (
-    BadInput, atomic_path, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json,
+    BadInput, atomic_path, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json,
 )
+from pqm.jobs import add_speaker_options, job_speaker
 from pqm.lora import META, LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
 from pqm.model_io import to_nf4
 from pqm.nf4 import count_params
@@ -243,9 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nf4-dir", type=Path, required=True, help="NF4 model (stage 5)")
     p.add_argument("--cuts", type=Path, required=True, help="lhotse cuts to train on")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
-    p.add_argument("--speaker", default=None, help="train on this speaker's cuts only")
-    p.add_argument("--speaker-list", type=Path, default=None, help="with --job N: take line N of this file as --speaker")
-    p.add_argument("--job", type=int, default=None)
+    add_speaker_options(p, "train on")
     p.add_argument("--init", type=Path, default=None, help="adapter to start from (the SAT adapter); default: new LoRA")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -266,8 +265,6 @@ def main(argv: list[str] | None = None) -> None:
                         "if it is no worse there than the starting adapter (0: off)")
     p.add_argument("--ctc-weight", type=float, default=0.5, help="Conformer: CTC weight of held-out decoding")
     a = p.parse_args(argv)
-    if a.speaker_list is not None and a.job is None:
-        p.error("--speaker-list needs --job")
     for name in ("epochs", "batch_size", "lora_r", "lora_alpha"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: a positive number is needed")
@@ -323,15 +320,10 @@ def held_out_errors(rec, cuts: CutSet, normalise: Callable[[str], str]) -> Calla
 def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     """Train (or skip, or mark as fallback) the adapter that ``a`` describes."""
     torch.manual_seed(a.seed)
-    speaker = a.speaker
-    out = a.out
-    if a.speaker_list is not None:
-        speakers = require(a.speaker_list).read_text(encoding="utf-8").split()
-        speaker = speakers[a.job - 1]
-        out = out / check_safe_id(speaker)
+    speaker = job_speaker(a)
+    out = a.out / speaker if a.speaker_list is not None else a.out
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
     if speaker is not None:
-        check_safe_id(speaker)
         cuts = cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_eager()
     if a.max_utts:
         cuts = cuts.subset(first=min(a.max_utts, len(cuts)))

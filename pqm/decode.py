@@ -24,8 +24,9 @@ from lhotse import CutSet
 
 from pqm.families import decoding_settings, recognizer
 from pqm.fsutil import (
-    BadInput, MissingInput, check_safe_id, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json, write_text,
+    BadInput, MissingInput, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json, write_text,
 )
+from pqm.jobs import add_speaker_options, job_speaker
 from pqm.lora import META, load_adapter
 from pqm.model_io import to_nf4
 
@@ -92,9 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="per-speaker adapters: <dir>/{pqm,nf4_sa}/<speaker> (stage 7)")
     p.add_argument("--cuts", type=Path, required=True, help="evaluation cuts")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--speaker", default=None)
-    p.add_argument("--speaker-list", type=Path, default=None, help="with --job N: line N is the speaker")
-    p.add_argument("--job", type=int, default=None)
+    add_speaker_options(p, "decode")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--beam-size", type=int, default=4)
     p.add_argument("--ctc-weight", type=float, default=0.5)
@@ -103,15 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietBeamSearch())
-    speaker = a.speaker
-    if a.speaker_list is not None:
-        if a.job is None:
-            p.error("--speaker-list needs --job")
-        speaker = require(a.speaker_list).read_text(encoding="utf-8").split()[a.job - 1]
+    speaker = job_speaker(a)
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
     tag = "all"
     if speaker is not None:
-        tag = check_safe_id(speaker)
+        tag = speaker
         cuts = cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_eager()
     if len(cuts) == 0:
         raise BadInput(f"no utterances of speaker {speaker!r} in {a.cuts}")

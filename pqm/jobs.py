@@ -7,6 +7,7 @@ task's log looks the same wherever it ran: the command, then its output, then
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -14,6 +15,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pqm.fsutil import BadInput, check_safe_id, require
 
 _RANGE = re.compile(r"^JOB=(\d+):(\d+)$")
 _ENDED = re.compile(r"^# Ended \(code (-?\d+)\)", re.MULTILINE)
@@ -72,3 +75,22 @@ def logged_exit_code(log: Path) -> int | None:
     except FileNotFoundError:
         return None
     return int(found[-1]) if found else None
+
+
+def add_speaker_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--speaker NAME``, or ``--speaker-list FILE --job N`` (line N, as a job array's task N gives it)."""
+    p.add_argument("--speaker", default=None, help=f"{what} this speaker's cuts only")
+    p.add_argument("--speaker-list", type=Path, default=None, help="with --job N: line N of this file is --speaker")
+    p.add_argument("--job", type=int, default=None, help="task number of the job array (1-based)")
+
+
+def job_speaker(a: argparse.Namespace) -> str | None:
+    """The speaker that :func:`add_speaker_options`' options name (checked to be a safe file name), or None."""
+    if a.speaker_list is None:
+        return None if a.speaker is None else check_safe_id(a.speaker)
+    if a.job is None:
+        raise BadInput("--speaker-list needs --job")
+    speakers = require(a.speaker_list).read_text(encoding="utf-8").split()
+    if not 1 <= a.job <= len(speakers):
+        raise BadInput(f"--job {a.job}: {a.speaker_list} names {len(speakers)} speakers")
+    return check_safe_id(speakers[a.job - 1])

@@ -6,12 +6,21 @@ and ends with ``# Ended (code N)``, as with Kaldi's ``run.pl``. A failed task
 does not stop the others; the launcher exits non-zero and names the failed
 tasks (with ``--task-names``: the speakers) and their logs.
 
+It takes the options of Kaldi's ``run.pl``/``queue.pl``/``slurm.pl``
+(``--max-jobs-run N``, ``--num-threads N``, ``--mem X``, ``--gpu N``), and
+``run.sh`` passes only those, so a site's own Kaldi script can stand in for it
+(``cmd`` in ``cmd.sh``). Its one extra, the task names, comes from the
+environment (``PQM_TASK_NAMES``, a file whose line N names task N), which other
+scripts ignore.
+
 Backends, chosen with ``--backend`` (``cmd_backend`` in ``cmd.sh``):
 
-- ``local``: parallel processes on this machine, at most ``--max-jobs`` at a
-  time, with jobs x threads never more than the cores;
+- ``local``: parallel processes on this machine, at most ``--max-jobs-run`` at
+  a time, with jobs x threads (``--num-threads``) never more than the cores;
+  ``--mem`` and ``--gpu`` are not enforced;
 - ``slurm``: one Slurm job array, resources from ``--config``
-  (``conf/slurm.yaml``); see ``pqm.slurm``.
+  (``conf/slurm.yaml``), where ``--num-threads``, ``--mem`` and ``--gpu``
+  override its ``cpus_per_task``, ``mem`` and ``gpus``; see ``pqm.slurm``.
 """
 
 from __future__ import annotations
@@ -57,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="local", choices=BACKENDS)
     p.add_argument("--config", type=Path, default=Path("conf/slurm.yaml"), help="cluster config (slurm backend)")
-    p.add_argument("--max-jobs", type=int, default=os.cpu_count() or 1, help="local: tasks running at once")
-    p.add_argument("--threads", type=int, default=0, help="local: threads per task (0: cores / running tasks)")
-    p.add_argument("--task-names", type=Path, default=None, help="file whose line N names task N (e.g. speakers)")
+    p.add_argument("--max-jobs-run", type=int, default=os.cpu_count() or 1, help="local: tasks running at once")
+    p.add_argument("--num-threads", type=int, default=0, help="threads per task (local, 0: cores / running tasks)")
+    p.add_argument("--mem", default=None, help="slurm: memory per task, e.g. 4G (local: not enforced)")
+    p.add_argument("--gpu", type=int, default=None, help="slurm: GPUs per task (local: not enforced)")
+    p.add_argument("--task-names", type=Path, default=os.environ.get("PQM_TASK_NAMES") or None,
+                   help="file whose line N names task N, e.g. speakers (default: $PQM_TASK_NAMES)")
     p.add_argument("job_range")
     p.add_argument("log")
     p.add_argument("command", nargs=argparse.REMAINDER)
@@ -73,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     names = require(a.task_names).read_text(encoding="utf-8").split() if a.task_names else []
     try:
         if a.backend == "slurm":
-            results = run_slurm(tasks, array_name(a.log), a.config)
+            overrides = {"cpus_per_task": a.num_threads or None, "mem": a.mem, "gpus": a.gpu}
+            results = run_slurm(tasks, array_name(a.log), a.config,
+                                overrides={k: v for k, v in overrides.items() if v is not None})
         else:
-            results = run_local(tasks, max(1, a.max_jobs), a.threads)
+            results = run_local(tasks, max(1, a.max_jobs_run), a.num_threads)
     except UserError as exc:
         print(f"pqm.launch: ERROR: {exc}", file=sys.stderr)
         return 2

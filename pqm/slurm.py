@@ -10,6 +10,7 @@ finish (time limit, memory, cancelled), asks Slurm for its state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -138,9 +139,12 @@ def task_states(job_id: str) -> dict[int, str]:
     return states
 
 
-def run_slurm(tasks: list[Task], name: str, config: Path, poll: float = 5.0) -> list[Result]:
-    """Submit ``tasks`` as one job array, wait for it and return each task's result."""
-    cfg = load_config(config)
+def run_slurm(tasks: list[Task], name: str, config: Path, poll: float = 5.0, overrides: dict | None = None) -> list[Result]:
+    """Submit ``tasks`` as one job array, wait for it and return each task's result.
+
+    ``overrides`` replaces fields of the config (Kaldi's ``--num-threads``, ``--mem``, ``--gpu``).
+    """
+    cfg = dataclasses.replace(load_config(config), **(overrides or {}))
     check_reachable()
     qdir = tasks[0].log.parent.resolve() / "q"
     table = qdir / f"{name}.tasks.json"

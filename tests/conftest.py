@@ -20,6 +20,13 @@ TINY_CONFIG = ROOT / "conf" / "tuning" / "train_conformer_tiny.yaml"
 TOKENS = ["<blank>", "<unk>", "eight", "five", "four", "nine", "one", "seven", "six", "three", "two", "zero", "<sos/eos>"]
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that use the local Slurm cluster are the ``slurm`` tier."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+
+
 @pytest.fixture(scope="session")
 def fsdd_dir() -> Path:
     if not (FSDD / "recordings").is_dir():

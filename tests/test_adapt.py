@@ -43,6 +43,7 @@ def _cmd(setup, out, epochs=6):
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
+@pytest.mark.e2e
 def test_killed_job_resumes_to_the_same_adapter(setup, tmp_path):
     subprocess.run(_cmd(setup, tmp_path / "a"), cwd=ROOT, env=ENV, check=True, capture_output=True)
     proc = subprocess.Popen(_cmd(setup, tmp_path / "b"), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
@@ -62,6 +63,7 @@ def test_killed_job_resumes_to_the_same_adapter(setup, tmp_path):
     assert not (tmp_path / ".b.checkpoint").exists()  # removed once the adapter is written
 
 
+@pytest.mark.e2e
 def test_finished_adapter_is_not_retrained(setup, tmp_path):
     subprocess.run(_cmd(setup, tmp_path / "a", epochs=1), cwd=ROOT, env=ENV, check=True, capture_output=True)
     before = (tmp_path / "a" / "adapter_model.safetensors").stat().st_mtime_ns
@@ -74,6 +76,7 @@ def test_finished_adapter_is_not_retrained(setup, tmp_path):
     assert "nothing to do" not in changed.stderr  # other settings: trained again
 
 
+@pytest.mark.e2e
 def test_distributed_sat_on_two_gloo_processes(setup, tmp_path):
     """torchrun with two CPU processes (gloo): DDP over the LoRA parameters trains the same adapter shape
     as one process, and the loss goes down."""

@@ -134,6 +134,7 @@ def test_test_speaker_in_training_is_refused(dirs, tmp_path):
         prepare_custom(dirs["eval"], dirs["adapt"], dirs["eval"], tmp_path / "m")
 
 
+@pytest.mark.e2e
 def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, tmp_path):
     if not (WHISPER / "config.json").is_file():
         pytest.skip(f"{WHISPER} is absent")
@@ -165,6 +166,7 @@ def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, tmp_path):
     assert "resampling to 16000 Hz" in (exp / "log" / "stage6.log").read_text()
 
 
+@pytest.mark.e2e
 def test_edited_data_set_redoes_stage_2(dirs, tmp_path):
     """The done marker of stage 2 records a digest of the data sets' tables: an edited transcript redoes it."""
     from lhotse import CutSet

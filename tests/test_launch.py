@@ -24,7 +24,7 @@ def test_bad_range_is_refused(bad):
 
 
 def test_tasks_run_in_parallel_and_log(tmp_path):
-    code = main(["--max-jobs", "3", "JOB=1:3", str(tmp_path / "t.JOB.log"),
+    code = main(["--max-jobs-run", "3", "JOB=1:3", str(tmp_path / "t.JOB.log"),
                  sys.executable, "-c", "import os,sys; print('task', sys.argv[1], os.environ['OMP_NUM_THREADS'])", "JOB"])
     assert code == 0
     for i in (1, 2, 3):
@@ -37,7 +37,7 @@ def test_failed_task_does_not_stop_others(tmp_path, capsys):
     script = "import sys; sys.exit(3 if sys.argv[1] == '2' else 0)"
     names = tmp_path / "speakers.txt"
     names.write_text("alice\nbob\ncarol\n")
-    code = main(["--max-jobs", "1", "--task-names", str(names), "JOB=1:3", str(tmp_path / "t.JOB.log"),
+    code = main(["--max-jobs-run", "1", "--task-names", str(names), "JOB=1:3", str(tmp_path / "t.JOB.log"),
                  sys.executable, "-c", script, "JOB"])
     assert code == 1
     err = capsys.readouterr().err

@@ -53,6 +53,7 @@ def test_reader_in_training_and_test_is_refused(fsdd_dir, tmp_path):
         prepare(corpus, tmp_path / "m", "train-clean-100", ["test-clean", "test-other"], 0, 2)
 
 
+@pytest.mark.e2e
 def test_librispeech_recipe_with_whisper_end_to_end(fsdd_dir, tmp_path):
     if not (WHISPER / "config.json").is_file():
         pytest.skip(f"{WHISPER} is absent")

@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, make_fsdd_subset, write_cluster_config
 
+pytestmark = pytest.mark.e2e
+
 TINY = [
     "--train-speakers", "jackson theo", "--test-speakers", "george nicolas",
     "--train-per-speaker", "100", "--adapt-per-digit", "45", "--adapt-per-speaker", "20", "--max-digits", "2",
@@ -123,6 +125,25 @@ def test_slurm_backend_gives_the_local_results(recipe, slurm_cluster, tmp_path):
     nicolas = (sexp / "log" / "decode.2.log").read_text()
     assert "already decoded" in george and "pqm/nicolas: decoded" in nicolas and "nf4/nicolas: decoded" not in nicolas
     assert (sexp / "decode" / "pqm" / "nicolas" / "text").read_text() == (exp / "decode" / "pqm" / "nicolas" / "text").read_text()
+
+
+def test_a_kaldi_run_pl_runs_the_job_arrays(recipe, tmp_path):
+    """cmd set to a minimal run.pl-style script (tests/run_pl.sh) instead of pqm.launch: stages 7-9 get
+    Kaldi's options only and give the launcher's hypotheses."""
+    exp = recipe["exp"]
+    kexp = tmp_path / "exp"
+    shutil.copytree(exp, kexp, ignore=shutil.ignore_patterns("adapters", "decode*", "log", "results.json", "RESULTS.md"))
+    for n in (7, 8, 9):
+        (kexp / ".done" / f"stage{n}").unlink(missing_ok=True)
+    seen = tmp_path / "seen.txt"
+    env = dict(os.environ, PQM_CMD=f"bash {ROOT / 'tests' / 'run_pl.sh'}", RUN_PL_SEEN=str(seen))
+    run_sh(*recipe["opts"], "--expdir", str(kexp), "--threads", "1", "--stage", "7", "--stop-stage", "9", env=env)
+    assert seen.read_text().splitlines() == ["--max-jobs-run 2 --num-threads 1"] * 3  # adapt pqm, nf4_sa, decode
+    assert (kexp / "log" / "decode.2.log").read_text().startswith("# python -m pqm.decode")
+    for speaker in ("george", "nicolas"):
+        for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
+            local = (exp / "decode" / system / speaker / "text").read_text()
+            assert (kexp / "decode" / system / speaker / "text").read_text() == local, (system, speaker)
 
 
 def test_failed_speaker_is_reported_and_rerun_alone(recipe, tmp_path):

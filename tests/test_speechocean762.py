@@ -132,6 +132,7 @@ def test_restyle_keeps_the_words():
         restyle(ref, ref, "fancy")
 
 
+@pytest.mark.e2e
 def test_restyle_on_real_tiny_en_hypotheses(so762_manifests, whisper_dir):
     """Real hypotheses of whisper-tiny.en (30 s window, greedy) lend their spelling; the words stay the reference's."""
     from pqm.whisper import WhisperRecognizer
@@ -189,6 +190,7 @@ def _array_cut(audio) -> MonoCut:
     return MonoCut(id="x", start=0, duration=rec.duration, channel=0, recording=rec)
 
 
+@pytest.mark.e2e
 def test_harmful_adaptation_keeps_the_starting_point(so762_manifests, whisper_dir, tmp_path):
     """A learning rate that wrecks the adapter: the held-out utterances get worse, so the job keeps the
     starting point (no adapter, fallback.json with the errors of every epoch) and decoding falls back."""
@@ -230,6 +232,7 @@ def test_selection_keeps_the_best_epoch_and_ties_go_later():
     assert selection.best_epoch == 0
 
 
+@pytest.mark.e2e
 def test_run_sh_stages_1_to_3(so762_dir, tmp_path):
     """run.sh --corpus speechocean762 through stages 1-3 on a few speakers of the shared copy."""
     from test_recipe import run_sh
@@ -251,6 +254,7 @@ def test_run_sh_stages_1_to_3(so762_dir, tmp_path):
     assert bad.returncode != 0 and "nowhere does not exist" in bad.stdout + bad.stderr
 
 
+@pytest.mark.e2e
 def test_changed_options_redo_a_done_stage(so762_dir, tmp_path):
     """A done marker records the options its stage ran with: the same options skip it, a changed one
     redoes it (and the later stages), and a changed option of a stage before --stage stops the run."""

@@ -116,6 +116,7 @@ def test_tedlium3_config_builds_the_papers_conformer():
     assert model.encoder.output_size() == 256 and model.decoder.output_layer.out_features == 500
 
 
+@pytest.mark.e2e
 def test_tedlium3_recipe_with_a_bpe_conformer_end_to_end(fsdd_dir, tmp_path):
     corpus = write_tedlium(tmp_path)
     exp, data = tmp_path / "exp", tmp_path / "data"

@@ -66,6 +66,7 @@ def whisper_run(whisper_dir, fsdd_dir, tmp_path_factory):
     return {"exp": exp, "data": tmp / "data", "opts": opts, "stdout": proc.stdout}
 
 
+@pytest.mark.e2e
 def test_whisper_recipe_end_to_end(whisper_run):
     exp = whisper_run["exp"]
     results = json.loads((exp / "results.json").read_text())
@@ -104,6 +105,7 @@ def test_whisper_recipe_end_to_end(whisper_run):
     assert {"proj_out", "model.decoder.embed_tokens", "model.decoder.layers.0.fc1"} <= set(nf4["modules"])
 
 
+@pytest.mark.e2e
 def test_embedding_quantisation_is_most_of_the_saving(whisper_run, tmp_path):
     """Without --embeddings the float32 embedding (tied to proj_out) stays: the file is much larger."""
     import subprocess
