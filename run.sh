@@ -48,7 +48,7 @@ nf4_min_conv_numel=2048 # quantise convolutions with at least this many weights
 nf4_embeddings=false    # whisper: also quantise the token embedding and the output projection tied to it
 lora_r=8
 lora_alpha=16
-lora_targets=""         # regex over module names (default per model family: pqm.families.default_lora_targets)
+lora_targets=""         # regex over module names (default: the model family's DEFAULT_TARGETS, pqm/families/)
 sat_epochs=1
 sat_lr=0.001
 sat_utts=0              # SAT on at most this many training utterances (0: all)
@@ -293,7 +293,7 @@ stage3() {
 
 stage4() {
     if [ "${model}" = whisper ]; then
-        python -m pqm.whisper --pretrained "${pretrained}" --out "${expdir}/fp"
+        python -m pqm.families.whisper --pretrained "${pretrained}" --out "${expdir}/fp"
         return
     fi
     if [ -n "${pretrained}" ]; then
@@ -303,7 +303,7 @@ stage4() {
         done
         [ -n "${ckpt}" ] || die "--pretrained ${pretrained}: no model.safetensors, valid.acc.ave.pth, valid.acc.ave_10best.pth, valid.acc.best.pth or model.pth in it"
         [ -f "${pretrained}/config.yaml" ] || die "--pretrained ${pretrained}: no config.yaml (ESPnet's training config) in it"
-        python -m pqm.model_io --config "${pretrained}/config.yaml" --checkpoint "${ckpt}" --out "${expdir}/fp"
+        python -m pqm.families.espnet --config "${pretrained}/config.yaml" --checkpoint "${ckpt}" --out "${expdir}/fp"
         return
     fi
     need "${expdir}/asr_stats/train/feats_stats.npz" "stage 3"
@@ -313,7 +313,7 @@ stage4() {
         --valid_shape_file "${expdir}/asr_stats/valid/speech_shape" \
         --normalize global_mvn --normalize_conf "stats_file=${expdir}/asr_stats/train/feats_stats.npz" \
         --max_epoch "${max_epoch}" --seed "${seed}" --resume true --output_dir "${expdir}/asr"
-    python -m pqm.model_io --config "${expdir}/asr/config.yaml" \
+    python -m pqm.families.espnet --config "${expdir}/asr/config.yaml" \
         --checkpoint "${expdir}/asr/valid.acc.ave.pth" --out "${expdir}/fp"
 }
 

@@ -49,14 +49,13 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pqm.families import batch_iterator, default_lora_targets, family_of, recognizer, text_normaliser
+from pqm.families import family, family_of
 from pqm.fsutil import (
     BadInput, atomic_path, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json,
 )
 from pqm.jobs import add_speaker_options, job_speaker
 from pqm.lora import META, LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
-from pqm.model_io import to_nf4
-from pqm.nf4 import count_params
+from pqm.nf4 import count_params, to_nf4
 from pqm.restyle import STYLES, restyle
 from pqm.score import count_errors
 
@@ -196,7 +195,7 @@ def train_adapter(
 
     ``batches_of(cuts, batch_size, epoch, seed, rank, world_size)`` gives the
     keyword arguments of the model's forward, whose first output is the loss
-    (:func:`pqm.families.batch_iterator`).
+    (a family's ``batch_iterator``, see :mod:`pqm.families`).
 
     With ``checkpoint``, the state is saved after every epoch and a matching
     saved state is resumed from. With ``ranks.world_size`` > 1 (torchrun),
@@ -238,7 +237,7 @@ def train_adapter(
 
 
 def main(argv: list[str] | None = None) -> None:
-    default = LoraSettings()
+    default = LoraSettings(target_modules="")
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--fp-dir", type=Path, required=True, help="full-precision model (stage 4)")
     p.add_argument("--nf4-dir", type=Path, required=True, help="NF4 model (stage 5)")
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.holdout < 0 or a.lr <= 0:
         p.error("--holdout must be >= 0 and --lr > 0")
     setup_logging()
-    a.lora_targets = a.lora_targets or default_lora_targets(a.fp_dir)
+    a.lora_targets = a.lora_targets or family(a.fp_dir).DEFAULT_TARGETS
     ranks, a.device = init_distributed(a.device)
     try:
         train_job(a, ranks)
@@ -334,8 +333,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         if ranks.main:
             write_json(out / "fallback.json", {"speaker": speaker, "reason": f"no adaptation utterances in {a.cuts}"})
         return
-    family = family_of(a.fp_dir)
-    if family != "whisper" and a.target_style != "corpus":
+    models = family(a.fp_dir)
+    if family_of(a.fp_dir) != "whisper" and a.target_style != "corpus":
         raise BadInput(f"--target-style {a.target_style}: only Whisper models write in a style of their own; "
                        "use --target-style corpus for the Conformer")
     if a.holdout and len(cuts) <= a.holdout:
@@ -347,7 +346,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
             logging.info(f"{out} was already made with these inputs and settings: nothing to do")
             return
     start = time.time()
-    rec = recognizer(a.fp_dir, a.device, beam_size=1, ctc_weight=a.ctc_weight)
+    rec = models.recognizer(a.fp_dir, a.device, beam_size=1, ctc_weight=a.ctc_weight)
     model = rec.model
     base_params = count_params(model)
     if a.target_style != "corpus":
@@ -361,22 +360,22 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     held_ids = set(sorted(c.id for c in cuts)[len(cuts) - a.holdout:]) if a.holdout else set()
     held_out = cuts.filter(lambda c: c.id in held_ids).to_eager() if held_ids else None
     train_cuts = cuts.filter(lambda c: c.id not in held_ids).to_eager()
-    base_fp = to_nf4(model, a.nf4_dir, device=a.device)
+    base_fingerprint = to_nf4(model, a.nf4_dir, device=a.device)
     if a.init is not None:
-        model = load_adapter(model, a.init, base_fp, trainable=True)
+        model = load_adapter(model, a.init, base_fingerprint, trainable=True)
     else:
-        model = add_lora(model, LoraSettings(a.lora_r, a.lora_alpha, a.lora_dropout, a.lora_targets))
+        model = add_lora(model, LoraSettings(a.lora_targets, a.lora_r, a.lora_alpha, a.lora_dropout))
     n_lora = trainable_params(model)
     logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on "
                  f"{len(train_cuts)} utterances" + (f", {a.holdout} held out" if a.holdout else ""))
-    selection = Selection(held_out_errors(rec, held_out, text_normaliser(family, a.fp_dir)) if held_out else None)
+    selection = Selection(held_out_errors(rec, held_out, models.text_normaliser(a.fp_dir)) if held_out else None)
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
-    losses = train_adapter(model, train_cuts, batch_iterator(a.fp_dir, a.window), a.epochs, a.lr, a.batch_size,
+    losses = train_adapter(model, train_cuts, models.batch_iterator(a.fp_dir, a.window), a.epochs, a.lr, a.batch_size,
                            a.seed, a.device, checkpoint, ranks, selection)
     if not ranks.main:
         return
     meta = {
-        "base_fingerprint": base_fp, "base_model": str(a.nf4_dir), "speaker": speaker,
+        "base_fingerprint": base_fingerprint, "base_model": str(a.nf4_dir), "speaker": speaker,
         "init": str(a.init) if a.init else None, "utterances": len(train_cuts), "epochs": a.epochs, "lr": a.lr,
         "loss_per_epoch": losses, "lora_params": n_lora, "base_params": base_params, "window": a.window,
         "target_style": a.target_style, "world_size": ranks.world_size, "run_key": key,

@@ -4,7 +4,7 @@ Systems, in the order they are built on one model object:
 ``fp`` (full precision), ``nf4`` (quantised), ``nf4_sat`` (+ SAT LoRA),
 ``nf4_sa`` (+ per-speaker LoRA trained from scratch) and ``pqm`` (+ per-speaker
 LoRA started from SAT). Decoding is ESPnet's beam search (``Speech2Text``) for
-a Conformer and ``generate`` for Whisper (``pqm.families.recognizer``).
+a Conformer and ``generate`` for Whisper (each family's ``recognizer``, :mod:`pqm.families`).
 Hypotheses go to ``<out>/<system>/<speaker>/text`` (Kaldi ``text`` format),
 and ``<out>/<system>/<speaker>/info.json`` records any fallback and the
 ``run_key`` of the inputs: a system already decoded from the same models,
@@ -22,24 +22,15 @@ from pathlib import Path
 
 from lhotse import CutSet
 
-from pqm.families import decoding_settings, recognizer
+from pqm.families import family
 from pqm.fsutil import (
     BadInput, MissingInput, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json, write_text,
 )
 from pqm.jobs import add_speaker_options, job_speaker
 from pqm.lora import META, load_adapter
-from pqm.model_io import to_nf4
+from pqm.nf4 import to_nf4
 
 SYSTEMS = ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm")
-
-
-class _QuietBeamSearch(logging.Filter):
-    """Drop ESPnet's per-utterance INFO lines (beam search details) from the decoding log."""
-
-    NOISY = ("beam_search", "batch_beam_search", "asr_inference")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.INFO or record.module not in self.NOISY
 
 
 def write_hyps(out: Path, hyps: dict[str, str] | None, info: dict) -> None:
@@ -70,7 +61,7 @@ def run_key(a: argparse.Namespace, tag: str, cuts: CutSet) -> dict:
         "sat": _adapter_digest(a.sat_dir),
         **{system: _adapter_digest(a.adapter_dir / system / tag) for system in ("nf4_sa", "pqm")},
         "utterances": ids_digest(c.id for c in cuts),
-        "beam_size": a.beam_size, "ctc_weight": a.ctc_weight, **decoding_settings(a.fp_dir),
+        "beam_size": a.beam_size, "ctc_weight": a.ctc_weight, **family(a.fp_dir).DECODING,
     }
 
 
@@ -100,10 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     setup_logging()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_QuietBeamSearch())
     speaker = job_speaker(a)
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
+    models = family(a.fp_dir)
+    quiet = models.log_filter()
+    for handler in logging.getLogger().handlers if quiet else ():
+        handler.addFilter(quiet)
     tag = "all"
     if speaker is not None:
         tag = speaker
@@ -116,16 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     if not todo:
         logging.info(f"{tag}: {', '.join(wanted)} already decoded from these models and settings: nothing to do")
         return
-    rec = recognizer(a.fp_dir, a.device, a.beam_size, a.ctc_weight)
-    peft_model, base_fp, missing = None, None, []
+    rec = models.recognizer(a.fp_dir, a.device, a.beam_size, a.ctc_weight)
+    peft_model, base_fingerprint, missing = None, None, []
     for system in SYSTEMS[: SYSTEMS.index(todo[-1]) + 1]:
         info: dict = {"system": system, "speaker": speaker, "run_key": key}
         use = contextlib.nullcontext()
         window = "padded"  # the base model decodes as it was trained; an adapter, as it was trained
         if system == "nf4":
-            base_fp = to_nf4(rec.model, a.nf4_dir, device=a.device)
+            base_fingerprint = to_nf4(rec.model, a.nf4_dir, device=a.device)
         elif system == "nf4_sat":
-            peft_model = load_adapter(rec.model, a.sat_dir, base_fp, name="sat")
+            peft_model = load_adapter(rec.model, a.sat_dir, base_fingerprint, name="sat")
             peft_model.set_adapter("sat")
             window = adapter_window(a.sat_dir)
         elif system in ("nf4_sa", "pqm"):
@@ -148,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                     write_hyps(a.out / system / tag, None, {**info, "missing": f"no adapter in {adapter} (stage 7)"})
                 continue
             else:
-                load_adapter(peft_model, adapter, base_fp, name=system)
+                load_adapter(peft_model, adapter, base_fingerprint, name=system)
                 peft_model.set_adapter(system)
                 window = adapter_window(adapter)
         if system not in todo:

@@ -18,7 +18,6 @@ from torch import nn
 from pqm.fsutil import BadInput, atomic_path, read_json, require, write_json
 
 META = "pqm_adapter.json"
-DEFAULT_TARGETS = r".*(encoder\.encoders\.\d+\.self_attn|decoder\.decoders\.\d+\.self_attn)\.linear_(q|v)"
 
 
 class AdapterMismatch(BadInput):
@@ -27,12 +26,13 @@ class AdapterMismatch(BadInput):
 
 @dataclass
 class LoraSettings:
-    """LoRA hyper-parameters (ours: the papers do not give them)."""
+    """LoRA hyper-parameters (ours: the papers do not give them); the target modules (a regex over
+    module names) default to the model family's ``DEFAULT_TARGETS``."""
 
+    target_modules: str
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: str = DEFAULT_TARGETS
 
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:

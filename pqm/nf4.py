@@ -7,11 +7,12 @@ keeps the same NF4 ``Params4bit`` storage and dequantises it with bitsandbytes
 for each forward. Small convolutions (depthwise, first subsampling layer),
 norms, biases and embeddings stay in full precision.
 
-An NF4 model is saved as a safetensors file of its own state dict (packed 4-bit
-weights plus bitsandbytes' packed quantisation state, see :func:`compact_state_dict`)
-and loaded back with
-:func:`load_nf4_state_dict`, which rebuilds each ``Params4bit`` with
-``Params4bit.from_prequantized``.
+An NF4 model is saved (:func:`save_nf4`) as a safetensors file of its own state
+dict (packed 4-bit weights plus bitsandbytes' packed quantisation state, see
+:func:`compact_state_dict`) and ``nf4.json``, and loaded back onto a freshly built
+full-precision model (:func:`to_nf4`) with :func:`load_nf4_state_dict`, which
+rebuilds each ``Params4bit`` with ``Params4bit.from_prequantized``. The same
+code serves every model family.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from bitsandbytes.nn import Params4bit
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from pqm.fsutil import BadInput, atomic_path, read_json, require, write_json
 
 
 @dataclass
@@ -270,3 +275,32 @@ def fingerprint(model: nn.Module) -> str:
 def count_params(model: nn.Module) -> int:
     """Number of parameters of a full-precision model."""
     return sum(p.numel() for p in model.parameters())
+
+
+NF4_MADE_BY = "stage 5 (NF4 quantisation)"
+
+
+def save_nf4(model: nn.Module, cfg: NF4Config, modules: list[str], out_dir: Path, omitted: set[str]) -> str:
+    """Save an NF4 model as ``out_dir/{model.safetensors,nf4.json}``; return its fingerprint.
+
+    ``omitted``: state-dict keys the model's family rebuilds (or ties) by itself.
+    """
+    base_fingerprint = fingerprint(model)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        save_file(compact_state_dict(model.state_dict(), omitted), str(tmp / "model.safetensors"))
+        write_json(tmp / "nf4.json", {"config": vars(cfg), "modules": modules, "rebuilt_buffers": sorted(omitted),
+                                      "fingerprint": base_fingerprint})
+    return base_fingerprint
+
+
+def to_nf4(model: nn.Module, nf4_dir: Path, device: str = "cpu") -> str:
+    """Turn a full-precision model into the saved NF4 model of ``nf4_dir`` in place; return its fingerprint."""
+    meta = read_json(nf4_dir / "nf4.json", NF4_MADE_BY)
+    quantize_model(model, NF4Config(**meta["config"]), device=device)
+    state = load_file(str(require(nf4_dir / "model.safetensors", NF4_MADE_BY)))
+    load_nf4_state_dict(model, state, device=device, rebuilt=set(meta["rebuilt_buffers"]))
+    base_fingerprint = fingerprint(model)
+    if base_fingerprint != meta["fingerprint"]:
+        raise BadInput(f"{nf4_dir}/model.safetensors does not match its nf4.json fingerprint: rerun stage 5")
+    return base_fingerprint

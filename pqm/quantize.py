@@ -6,10 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from pqm.families import build_model, embedding_modules, keep_full_precision, omitted_keys
+from pqm.families import family
 from pqm.fsutil import cli, setup_logging, write_json
-from pqm.model_io import save_nf4
-from pqm.nf4 import NF4Config, count_params, quantize_model
+from pqm.nf4 import NF4Config, count_params, quantize_model, save_nf4
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,16 +27,16 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     if a.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
         p.error(f"--blocksize {a.blocksize}: bitsandbytes supports 64..4096 (powers of two)")
-    try:
-        embeddings = embedding_modules(a.fp_dir) if a.embeddings else []
-    except ValueError as exc:
-        p.error(f"--embeddings true: {exc}")
-    cfg = NF4Config(a.blocksize, a.double_quant, a.min_conv_numel, keep_full_precision(a.fp_dir, a.embeddings), embeddings)
-    model = build_model(a.fp_dir, device=a.device)
+    models = family(a.fp_dir)
+    embeddings = models.embedding_modules() if a.embeddings else []
+    if a.embeddings and not embeddings:
+        p.error(f"--embeddings true: the {models.__name__} family has no embedding quantisation")
+    cfg = NF4Config(a.blocksize, a.double_quant, a.min_conv_numel, models.keep_full_precision(a.embeddings), embeddings)
+    model = models.build_model(a.fp_dir, device=a.device)
     n_params = count_params(model)
-    rebuilt = omitted_keys(a.fp_dir, model)
+    omitted = models.omitted_keys(a.fp_dir, model)
     modules = quantize_model(model, cfg, device=a.device)
-    fp = save_nf4(model, cfg, modules, a.out, rebuilt)
+    base_fingerprint = save_nf4(model, cfg, modules, a.out, omitted)
     fp32_bytes = (a.fp_dir / "model.safetensors").stat().st_size  # Whisper: save_pretrained's float32 file
     nf4_bytes = (a.out / "model.safetensors").stat().st_size
     report = {
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         "params": n_params,
         "quantised_modules": len(modules),
         "embeddings_quantised": bool(embeddings),
-        "fingerprint": fp,
+        "fingerprint": base_fingerprint,
     }
     write_json(a.out / "size.json", report)
     logging.info(f"fp32 {fp32_bytes} bytes, NF4 {nf4_bytes} bytes: {report['ratio']}x smaller")

@@ -17,7 +17,7 @@ import jiwer
 from lhotse import CutSet
 
 from pqm.decode import SYSTEMS
-from pqm.families import FAMILIES, text_normaliser
+from pqm.families import FAMILIES, family
 from pqm.fsutil import BadInput, atomic_path, cli, read_json, require, setup_logging, write_json, write_text
 from pqm.kaldi_table import read_table
 
@@ -35,7 +35,7 @@ def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str],
     """Score each system's hypotheses against ``refs``; per speaker and overall.
 
     ``normalise`` is applied to references and hypotheses alike (Whisper's
-    English normaliser for Whisper models: ``pqm.families.text_normaliser``).
+    English normaliser for Whisper models: each family's ``text_normaliser``).
 
     A speaker that a system could not decode (its adapter is missing) is listed
     under ``missing`` and left out of that system's overall WER, never filled in
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         read_json(f)["lora_params"] for f in sorted((a.expdir / "adapters" / "pqm").glob("*/pqm_adapter.json"))
     ] or [read_json(a.expdir / "sat" / "pqm_adapter.json", "stage 6 (SAT)")["lora_params"]]
     test_sets = read_json(a.cuts.parent / "speakers.json", "stage 2 (manifests)").get("test_sets")
-    systems = score(a.expdir / "decode", refs, speakers, text_normaliser(a.model, a.expdir / "fp"))
+    systems = score(a.expdir / "decode", refs, speakers, family(a.model).text_normaliser(a.expdir / "fp"))
     if test_sets:
         add_per_set(systems, test_sets)
     results = {

@@ -13,6 +13,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from pqm.families import record
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 FSDD = SHARED / "corpora" / "fsdd"
@@ -59,6 +61,7 @@ def build_tiny_fp_dir(out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=False), encoding="utf-8")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    record(out, "conformer")
     return out
 
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TOKENS, make_fsdd_subset
 from pqm.connected_digits import DigitTaskConfig, make_connected_digits
-from pqm.model_io import build_model, rebuilt_buffers, save_nf4
+from pqm.families.espnet import build_model, omitted_keys
+from pqm.nf4 import save_nf4
 from pqm.nf4 import NF4Config, quantize_model
 from pqm.recipes.fsdd import prepare_fsdd
 
@@ -28,7 +29,7 @@ def setup(fsdd_dir, tiny_fp_dir, tmp_path_factory):
                           valid_per_digit=47, adapt_per_digit=2, adapt_per_speaker=12, max_digits=2)
     make_connected_digits(corpus["recordings"], corpus["supervisions"], cfg, tmp / "wav", tmp / "manifests")
     model = build_model(tiny_fp_dir)
-    rebuilt = rebuilt_buffers(tiny_fp_dir, model)
+    rebuilt = omitted_keys(tiny_fp_dir, model)
     save_nf4(model, NF4Config(), quantize_model(model), tmp / "nf4", rebuilt)
     return tmp, tiny_fp_dir
 

@@ -137,7 +137,7 @@ def test_bpe_token_list_and_encoder(tmp_path):
 
 def test_model_zoo_paths_are_found(tmp_path, monkeypatch):
     """An unpacked ESPnet model-zoo folder names its files relative to its root, two folders above config.yaml."""
-    from pqm.model_io import _named_file
+    from pqm.families.espnet import _named_file
 
     config = tmp_path / "zoo" / "exp" / "asr_train" / "config.yaml"
     bpe = tmp_path / "zoo" / "data" / "token_list" / "bpe_unigram500" / "bpe.model"

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from conftest import build_tiny_fp_dir
+from pqm.families.espnet import DEFAULT_TARGETS, build_model, omitted_keys
 from pqm.lora import AdapterMismatch, LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
-from pqm.model_io import build_model, rebuilt_buffers, save_nf4, to_nf4
-from pqm.nf4 import NF4Config, count_params, quantize_model
+from pqm.nf4 import NF4Config, count_params, quantize_model, save_nf4, to_nf4
 
 
 @pytest.fixture(scope="module")
 def nf4_dir(tiny_fp_dir, tmp_path_factory):
     model = build_model(tiny_fp_dir)
-    rebuilt = rebuilt_buffers(tiny_fp_dir, model)
+    rebuilt = omitted_keys(tiny_fp_dir, model)
     cfg = NF4Config()
     out = tmp_path_factory.mktemp("nf4") / "nf4"
     save_nf4(model, cfg, quantize_model(model, cfg), out, rebuilt)
@@ -30,7 +30,7 @@ def _nf4_model(fp_dir, nf4_dir):
 
 def _trained_adapter(fp_dir, nf4_dir, out):
     model, fp = _nf4_model(fp_dir, nf4_dir)
-    peft_model = add_lora(model, LoraSettings())
+    peft_model = add_lora(model, LoraSettings(DEFAULT_TARGETS))
     with torch.no_grad():  # make the adapter non-trivial
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -72,7 +72,7 @@ def test_adapter_for_another_base_is_refused(tiny_fp_dir, nf4_dir, tmp_path):
     _trained_adapter(tiny_fp_dir, nf4_dir, tmp_path / "a")
     other_fp_dir = build_tiny_fp_dir(tmp_path / "other_fp", seed=1)
     other = build_model(other_fp_dir)
-    rebuilt = rebuilt_buffers(other_fp_dir, other)
+    rebuilt = omitted_keys(other_fp_dir, other)
     cfg = NF4Config()
     save_nf4(other, cfg, quantize_model(other, cfg), tmp_path / "other_nf4", rebuilt)
     model, fp = _nf4_model(other_fp_dir, tmp_path / "other_nf4")

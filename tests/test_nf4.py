@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pqm.families.espnet import DEFAULT_TARGETS, build_model, omitted_keys
 from pqm.lora import LoraSettings, add_lora
-from pqm.model_io import build_model, rebuilt_buffers, save_nf4, to_nf4
-from pqm.nf4 import Conv4bit, NF4Config, fingerprint, quantize_model
+from pqm.nf4 import Conv4bit, NF4Config, fingerprint, quantize_model, save_nf4, to_nf4
 
 
 def _inputs(seed: int = 0):
@@ -65,7 +65,7 @@ def test_conv4bit_matches_conv_with_dequantized_weight():
 
 def test_save_load_roundtrip_is_exact(tiny_fp_dir, tmp_path):
     model = build_model(tiny_fp_dir).eval()
-    rebuilt = rebuilt_buffers(tiny_fp_dir, model)
+    rebuilt = omitted_keys(tiny_fp_dir, model)
     cfg = NF4Config()
     modules = quantize_model(model, cfg)
     fp = save_nf4(model, cfg, modules, tmp_path / "nf4", rebuilt)
@@ -87,7 +87,7 @@ def test_train_after_decode_on_nf4(tiny_fp_dir):
     before = fingerprint(model)
     lin = model.encoder.encoders[0].self_attn.linear_q
     w_before = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).clone()
-    model = add_lora(model, LoraSettings())
+    model = add_lora(model, LoraSettings(DEFAULT_TARGETS))
     speech, lengths = _inputs()
     model.eval()
     _encode(model.base_model.model, speech, lengths)  # decode-like forward

@@ -181,8 +181,8 @@ def test_fp_model_really_learned_and_nf4_differs(recipe):
            "--cuts", str(data / "manifests" / "fsdd_cuts_train.jsonl.gz"), "--speaker", "jackson",
            "--systems", "fp", "--beam-size", "2", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    from pqm.families import build_model
-    from pqm.model_io import to_nf4
+    from pqm.families.espnet import build_model
+    from pqm.nf4 import to_nf4
     from pqm.kaldi_table import read_table
     from pqm.score import count_errors
 

@@ -135,7 +135,7 @@ def test_restyle_keeps_the_words():
 @pytest.mark.e2e
 def test_restyle_on_real_tiny_en_hypotheses(so762_manifests, whisper_dir):
     """Real hypotheses of whisper-tiny.en (30 s window, greedy) lend their spelling; the words stay the reference's."""
-    from pqm.whisper import WhisperRecognizer
+    from pqm.families.whisper import WhisperRecognizer
 
     cuts = CutSet.from_file(so762_manifests / "speechocean762_cuts_adapt.jsonl.gz").subset(first=6)
     rec = WhisperRecognizer(whisper_dir, beam_size=1)
@@ -153,7 +153,7 @@ def test_restyle_on_real_tiny_en_hypotheses(so762_manifests, whisper_dir):
 
 def test_trimmed_window_equals_padded_for_a_full_window(whisper_dir):
     """A clip that fills the 30 s window: trimmed input is the padded input, and the logits are the same."""
-    from pqm.whisper import build_model, features, load_processor
+    from pqm.families.whisper import build_model, features, load_processor
 
     audio = torch.randn(16000 * 30).numpy() * 0.01
     cut = _array_cut(audio)
@@ -172,7 +172,7 @@ def test_trimmed_window_equals_padded_for_a_full_window(whisper_dir):
 
 
 def test_audio_over_30_s_is_refused_in_either_window(whisper_dir):
-    from pqm.whisper import features, load_processor
+    from pqm.families.whisper import features, load_processor
 
     processor = load_processor(whisper_dir)
     long = _array_cut(torch.zeros(16000 * 31).numpy())

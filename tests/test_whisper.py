@@ -23,7 +23,7 @@ def whisper_dir() -> Path:
 
 
 def test_normaliser_counts_digits_alike():
-    from pqm.whisper import text_normaliser
+    from pqm.families.whisper import text_normaliser
 
     norm = text_normaliser(WHISPER if WHISPER.is_dir() else None)
     assert norm("one two three") == norm("1, 2, 3.") == norm("One-two, three!") == "1 2 3"
@@ -31,7 +31,7 @@ def test_normaliser_counts_digits_alike():
 
 
 def test_not_a_whisper_folder_is_refused(tmp_path):
-    from pqm.whisper import export_pretrained
+    from pqm.families.whisper import export_pretrained
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(BadInput, match="not a Whisper model folder"):
@@ -39,12 +39,16 @@ def test_not_a_whisper_folder_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_corrupt_config_json_is_named(tmp_path):
-    """A Whisper folder whose config.json is damaged is not taken for an ESPnet folder."""
+def test_damaged_model_folders_are_named(tmp_path):
+    """A Whisper folder whose config.json is damaged is named as such; a model folder without the family
+    that stage 4 records is refused with the stage to rerun."""
     from pqm.families import family_of
+    from pqm.families.whisper import export_pretrained
 
     (tmp_path / "config.json").write_text('{"model_type": "whisper", ')
     with pytest.raises(BadInput, match="config.json is not valid JSON"):
+        export_pretrained(str(tmp_path), tmp_path / "out")
+    with pytest.raises(BadInput, match="family.json is missing.*rerun stage 4"):
         family_of(tmp_path)
 
 

@@ -1,10 +1,12 @@
-"""Load and save the ESPnet ASR model in the forms the stages exchange.
+"""The ESPnet family (an ESPnet ASR model, e.g. the Conformer AED): ``--model conformer``.
 
 ``<expdir>/fp/`` holds the full-precision model (``config.yaml`` from ESPnet's
-trainer + ``model.safetensors``); ``<expdir>/nf4/`` holds the NF4 model
-(``model.safetensors`` with packed 4-bit weights + ``nf4.json``). Weights are
-read with safetensors or ``torch.load(weights_only=True)`` only; ESPnet's own
-``build_model_from_file`` is not used for weights because it unpickles.
+trainer + ``model.safetensors``, and the feature statistics and sentencepiece
+model the config names). Weights are read with safetensors or
+``torch.load(weights_only=True)`` only; ESPnet's own ``build_model_from_file``
+is not used for weights because it unpickles. Decoding is ESPnet's
+``Speech2Text`` (joint CTC/attention beam search). The interface the stages use
+is the one of ``pqm.families``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from pqm.batches import at_16k
-from pqm.fsutil import BadInput, atomic_path, cli, read_json, require, setup_logging, write_json
-from pqm.nf4 import NF4Config, compact_state_dict, fingerprint, load_nf4_state_dict, quantize_model
+from lhotse import CutSet
+
+from pqm.batches import at_16k, iterate_batches
+from pqm.families import record
+from pqm.fsutil import BadInput, atomic_path, cli, require, setup_logging
 from pqm.tokens import TokenEncoder
 
 FP_MADE_BY = "stage 4 (train or load the model)"
-NF4_MADE_BY = "stage 5 (NF4 quantisation)"
+# LoRA on the query and value projections of every self-attention block
+DEFAULT_TARGETS = r".*(encoder\.encoders\.\d+\.self_attn|decoder\.decoders\.\d+\.self_attn)\.linear_(q|v)"
+DECODING: dict = {}  # beam size and CTC weight are run.sh options
 
 
 def export_fp_model(config: Path, checkpoint: Path, out_dir: Path) -> None:
@@ -54,6 +60,7 @@ def export_fp_model(config: Path, checkpoint: Path, out_dir: Path) -> None:
         (tmp / "config.yaml").write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
         state = canonical_buffers(state, build_model(tmp, load_weights=False))
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        record(tmp, "conformer")
     logging.info(f"exported the full-precision model to {out_dir}")
 
 
@@ -153,8 +160,8 @@ def build_model(fp_dir: Path, device: str = "cpu", load_weights: bool = True) ->
     return model.to(device)
 
 
-def rebuilt_buffers(fp_dir: Path, model: torch.nn.Module) -> set[str]:
-    """Names of buffers that building the model from its config already reproduces exactly."""
+def omitted_keys(fp_dir: Path, model: torch.nn.Module) -> set[str]:
+    """Buffers the NF4 file can leave out: building the model from its config reproduces them exactly."""
     fresh = build_model(fp_dir, load_weights=False)
     fresh_state = fresh.state_dict()
     params = {n for n, _ in model.named_parameters()}
@@ -165,33 +172,52 @@ def rebuilt_buffers(fp_dir: Path, model: torch.nn.Module) -> set[str]:
     }
 
 
-def save_nf4(model: torch.nn.Module, cfg: NF4Config, modules: list[str], out_dir: Path, rebuilt: set[str]) -> str:
-    """Save an NF4 model as ``out_dir/{model.safetensors,nf4.json}``; return its fingerprint."""
-    fp = fingerprint(model)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        save_file(compact_state_dict(model.state_dict(), rebuilt), str(tmp / "model.safetensors"))
-        write_json(
-            tmp / "nf4.json",
-            {"config": vars(cfg), "modules": modules, "rebuilt_buffers": sorted(rebuilt), "fingerprint": fp},
-        )
-    return fp
+def keep_full_precision(embeddings: bool = False) -> list[str]:
+    """Every Linear and large convolution is quantised (``pqm.nf4``): nothing to keep."""
+    return []
 
 
-def to_nf4(model: torch.nn.Module, nf4_dir: Path, device: str = "cpu") -> str:
-    """Turn a full-precision model into the saved NF4 model of ``nf4_dir`` in place; return its fingerprint."""
-    meta = read_json(nf4_dir / "nf4.json", NF4_MADE_BY)
-    quantize_model(model, NF4Config(**meta["config"]), device=device)
-    state = load_file(str(require(nf4_dir / "model.safetensors", NF4_MADE_BY)))
-    load_nf4_state_dict(model, state, device=device, rebuilt=set(meta["rebuilt_buffers"]))
-    fp = fingerprint(model)
-    if fp != meta["fingerprint"]:
-        raise BadInput(f"{nf4_dir}/model.safetensors does not match its nf4.json fingerprint: rerun stage 5")
-    return fp
+def embedding_modules() -> list[str]:
+    """No option to quantise embeddings (the Conformer's are small)."""
+    return []
+
+
+def batch_iterator(fp_dir: Path, window: str = "trimmed"):
+    """``iterate(cuts, batch_size, epoch, seed, rank, world_size)``: ESPnet's forward arguments
+    (whole utterances: ``window`` applies to Whisper only)."""
+    tokenizer = token_encoder(fp_dir)
+
+    def iterate(cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
+        return iterate_batches(cuts, tokenizer, batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size)
+
+    return iterate
+
+
+def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float) -> EspnetRecognizer:
+    return EspnetRecognizer(fp_dir, device=device, beam_size=beam_size, ctc_weight=ctc_weight)
+
+
+def text_normaliser(fp_dir: Path | None = None):
+    """Scoring compares words as they are, apart from spacing."""
+    return lambda text: " ".join(text.split())
+
+
+class _QuietBeamSearch(logging.Filter):
+    """Drop ESPnet's per-utterance INFO lines (beam search details) from the decoding log."""
+
+    NOISY = ("beam_search", "batch_beam_search", "asr_inference")
+
+    def filter(self, entry: logging.LogRecord) -> bool:
+        return entry.levelno > logging.INFO or entry.module not in self.NOISY
+
+
+def log_filter() -> logging.Filter:
+    return _QuietBeamSearch()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Stage 4 (end): export an ESPnet model (trained here or ``--pretrained``) to ``<out>``."""
+    """Stage 4 (end): export an ESPnet model (trained here or ``--pretrained``) to ``<out>``:
+    ``python -m pqm.families.espnet --config C --checkpoint M --out <expdir>/fp``."""
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--config", type=Path, required=True, help="ESPnet config.yaml")
     p.add_argument("--checkpoint", type=Path, required=True, help="model .pth or .safetensors")

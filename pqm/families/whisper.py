@@ -1,11 +1,11 @@
-"""The Whisper model family (transformers' ``WhisperForConditionalGeneration``).
+"""The Whisper model family (transformers' ``WhisperForConditionalGeneration``): ``--model whisper``.
 
-What the stages need from a Whisper model: stage 4 copies a pretrained model
-(a local folder, or a name transformers can resolve where there is network)
-into ``<expdir>/fp`` as safetensors; the LoRA stages train on
-``input_features``/``labels`` batches; decoding is ``generate`` (beam search,
-English, no timestamps); scoring normalises reference and hypothesis with
-Whisper's English text normaliser.
+What the stages need from a Whisper model (the interface of ``pqm.families``):
+stage 4 copies a pretrained model (a local folder, or a name transformers can
+resolve where there is network) into ``<expdir>/fp`` as safetensors; the LoRA
+stages train on ``input_features``/``labels`` batches; decoding is
+``generate`` (beam search, English, no timestamps); scoring normalises
+reference and hypothesis with Whisper's English text normaliser.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from lhotse import CutSet
 from tqdm import tqdm
 
 from pqm.batches import SAMPLING_RATE, at_16k, cut_batches
+from pqm.families import record
 from pqm.fsutil import BadInput, atomic_path, cli, require, setup_logging
 
 FP_MADE_BY = "stage 4 (load the pretrained Whisper model)"
@@ -59,6 +60,7 @@ def export_pretrained(source: str, out_dir: Path) -> None:
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        record(tmp, "whisper")
     logging.info(f"saved Whisper {source} ({sum(p.numel() for p in model.parameters()):,} parameters) to {out_dir}")
 
 
@@ -79,7 +81,18 @@ def load_processor(fp_dir: Path):
     return WhisperProcessor.from_pretrained(require(fp_dir, FP_MADE_BY), local_files_only=True)
 
 
-def tied_keys(model: torch.nn.Module) -> set[str]:
+def keep_full_precision(embeddings: bool = False) -> list[str]:
+    """Modules NF4 leaves alone (:data:`KEEP_FULL_PRECISION`; the output projection is quantised with the
+    token embedding it shares its weight with when ``embeddings``)."""
+    return [m for m in KEEP_FULL_PRECISION if not (embeddings and m == TIED_OUTPUT)]
+
+
+def embedding_modules() -> list[str]:
+    """The token embedding, which ``--nf4-embeddings true`` quantises (with the output projection)."""
+    return [TOKEN_EMBEDDING]
+
+
+def omitted_keys(fp_dir: Path, model: torch.nn.Module) -> set[str]:
     """State-dict keys that share their tensor with an earlier key (Whisper's output projection)."""
     seen, tied = set(), set()
     for key, value in model.state_dict().items():
@@ -220,6 +233,16 @@ class WhisperRecognizer:
         return hyps
 
 
+def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float) -> WhisperRecognizer:
+    """The family's decoder (Whisper has no CTC branch: ``ctc_weight`` does not apply)."""
+    return WhisperRecognizer(fp_dir, device=device, beam_size=beam_size)
+
+
+def log_filter() -> None:
+    """transformers' decoding logs nothing per utterance: no filter."""
+    return None
+
+
 _DIGIT_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine".split())}
 
 
@@ -246,7 +269,7 @@ def text_normaliser(fp_dir: Path | None = None) -> Callable[[str], str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Stage 4 for Whisper: ``python -m pqm.whisper --pretrained SRC --out <expdir>/fp``."""
+    """Stage 4 for Whisper: ``python -m pqm.families.whisper --pretrained SRC --out <expdir>/fp``."""
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--pretrained", required=True, help="a Whisper folder, or a model name transformers can resolve")
     p.add_argument("--out", type=Path, required=True)

@@ -1,0 +1,71 @@
+"""Model families: one module each, behind one interface, and a registry of them.
+
+A family module (``pqm/families/<module>.py``) holds everything the stages
+need to know about one kind of model, as module-level names:
+
+- ``export`` (stage 4: ``python -m pqm.families.<module>`` writes ``<expdir>/fp``,
+  recording the family there with :func:`record`);
+- ``build_model(fp_dir, device)``: the full-precision model;
+- ``omitted_keys(fp_dir, model)``: state-dict keys the NF4 file can leave out;
+- ``keep_full_precision(embeddings)``: modules NF4 leaves alone;
+- ``embedding_modules()``: token embeddings ``--nf4-embeddings true`` quantises
+  (``[]`` where there is no such option);
+- ``DEFAULT_TARGETS``: the LoRA target modules (a regex);
+- ``batch_iterator(fp_dir, window)``: LoRA training batches;
+- ``recognizer(fp_dir, device, beam_size, ctc_weight)``: decoding;
+- ``DECODING``: decoding settings fixed by the family (part of stage 8's run key);
+- ``text_normaliser(fp_dir)``: scoring normalisation;
+- ``log_filter()``: a logging filter for the decoding log, or None.
+
+To add a family: write its module, add one line to :data:`FAMILIES`, and give
+``run.sh --model`` the new name (its stage 4 calls the module).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from types import ModuleType
+
+from pqm.fsutil import BadInput, write_json
+
+FAMILIES = {  # --model name -> module
+    "conformer": "pqm.families.espnet",
+    "whisper": "pqm.families.whisper",
+}
+FAMILY_FILE = "family.json"
+
+
+def record(fp_dir: Path, name: str) -> None:
+    """Stage 4: say in the model folder which family made it."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}")
+    write_json(fp_dir / FAMILY_FILE, {"family": name})
+
+
+def family_of(fp_dir: Path) -> str:
+    """The family name stage 4 recorded in ``fp_dir``."""
+    path = Path(fp_dir) / FAMILY_FILE
+    if not path.is_file():
+        raise BadInput(f"{path} is missing: {fp_dir} was not made by stage 4 of this version "
+                       "(rerun stage 4: ./run.sh --stage 4 with the options you ran with)")
+    name = read_family(path)
+    if name not in FAMILIES:
+        raise BadInput(f"{path}: unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    return name
+
+
+def read_family(path: Path) -> str:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["family"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise BadInput(f"{path} is damaged ({err!r}): rerun stage 4") from None
+
+
+def family(name_or_fp_dir: str | Path) -> ModuleType:
+    """The family module of a name (``--model``) or of a model folder made by stage 4."""
+    name = name_or_fp_dir if isinstance(name_or_fp_dir, str) else family_of(name_or_fp_dir)
+    if name not in FAMILIES:
+        raise BadInput(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    return importlib.import_module(FAMILIES[name])
