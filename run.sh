@@ -251,7 +251,7 @@ stage2() {
     fi
     need "${datadir}/corpus_dir" "stage 1"
     # shellcheck disable=SC2086
-    python -m pqm.prepare --corpus-dir "$(cat "${datadir}/corpus_dir")" --datadir "${datadir}" \
+    python -m pqm.recipes.connected_digits --corpus-dir "$(cat "${datadir}/corpus_dir")" --datadir "${datadir}" \
         --train-speakers ${train_speakers} --test-speakers ${test_speakers} \
         --train-per-speaker "${train_per_speaker}" --adapt-per-digit "${adapt_per_digit}" \
         --adapt-per-speaker "${adapt_per_speaker}" --max-digits "${max_digits}" --seed "${seed}"

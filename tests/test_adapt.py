@@ -14,10 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TOKENS, make_fsdd_subset
-from pqm.connected_digits import DigitTaskConfig, make_connected_digits
 from pqm.families.espnet import build_model, omitted_keys
-from pqm.nf4 import save_nf4
-from pqm.nf4 import NF4Config, quantize_model
+from pqm.nf4 import NF4Config, quantize_model, save_nf4
+from pqm.recipes.connected_digits import DigitTaskConfig, make_connected_digits
 from pqm.recipes.fsdd import prepare_fsdd
 
 

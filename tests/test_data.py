@@ -6,8 +6,8 @@ import pytest
 from lhotse import CutSet
 
 from conftest import make_fsdd_subset
-from pqm.connected_digits import DigitTaskConfig, make_connected_digits, plan_utterances
 from pqm.fsutil import BadInput, MissingInput, check_safe_id
+from pqm.recipes.connected_digits import DigitTaskConfig, make_connected_digits, plan_utterances
 from pqm.recipes.fsdd import prepare_fsdd
 from pqm.tokens import TokenEncoder, build_token_list, check_word_transcripts, train_bpe
 

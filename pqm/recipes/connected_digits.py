@@ -12,11 +12,13 @@ short pauses; its transcript is the digits as words ("four two nine"). Sets:
 - ``eval``: test speakers, the remaining indices, each recording used once.
 
 No recording is in two sets, and no training utterance uses a test speaker.
-Everything is deterministic for a seed.
+Everything is deterministic for a seed. Stage 2 of the default recipe:
+``python -m pqm.recipes.connected_digits --corpus-dir FSDD --datadir data``.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
 from dataclasses import asdict, dataclass, field
@@ -28,9 +30,9 @@ from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, Supervis
 from lhotse.audio.utils import AudioLoadingError
 from tqdm import tqdm
 
-from pqm.fsutil import BadInput, atomic_path, check_safe_id
+from pqm.fsutil import BadInput, atomic_path, check_safe_id, cli, setup_logging
 from pqm.manifests import SETS, write_set, write_speakers
-from pqm.recipes.fsdd import parse_name
+from pqm.recipes.fsdd import parse_name, prepare_fsdd
 
 SAMPLE_RATE = 16000
 
@@ -172,3 +174,37 @@ def make_connected_digits(
         logging.info(f"{name}: {len(items)} utterances, {sum(len(g) for _, _, g in items)} words")
     write_speakers(manifest_dir, cfg.train_speakers, cfg.test_speakers, config=asdict(cfg))
     return cuts
+
+
+def main(argv: list[str] | None = None) -> None:
+    default = DigitTaskConfig()
+    p = argparse.ArgumentParser(description="Stage 2 for FSDD: lhotse manifests of the corpus and of the connected-digit task.")
+    p.add_argument("--corpus-dir", type=Path, required=True, help="FSDD folder with recordings/")
+    p.add_argument("--datadir", type=Path, required=True, help="output: <datadir>/manifests, <datadir>/wav")
+    p.add_argument("--train-speakers", nargs="+", default=default.train_speakers)
+    p.add_argument("--test-speakers", nargs="+", default=default.test_speakers)
+    p.add_argument("--train-per-speaker", type=int, default=default.train_per_speaker)
+    p.add_argument("--valid-per-digit", type=int, default=default.valid_per_digit)
+    p.add_argument("--adapt-per-digit", type=int, default=default.adapt_per_digit)
+    p.add_argument("--adapt-per-speaker", type=int, default=default.adapt_per_speaker)
+    p.add_argument("--max-digits", type=int, default=default.max_digits)
+    p.add_argument("--seed", type=int, default=default.seed)
+    a = p.parse_args(argv)
+    setup_logging()
+    cfg = DigitTaskConfig(
+        train_speakers=a.train_speakers,
+        test_speakers=a.test_speakers,
+        train_per_speaker=a.train_per_speaker,
+        valid_per_digit=a.valid_per_digit,
+        adapt_per_digit=a.adapt_per_digit,
+        adapt_per_speaker=a.adapt_per_speaker,
+        max_digits=a.max_digits,
+        seed=a.seed,
+    )
+    manifests = a.datadir / "manifests"
+    corpus = prepare_fsdd(a.corpus_dir, manifests)
+    make_connected_digits(corpus["recordings"], corpus["supervisions"], cfg, a.datadir / "wav", manifests)
+
+
+if __name__ == "__main__":
+    cli(main)
