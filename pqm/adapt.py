@@ -49,10 +49,9 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import family, family_of
-from pqm.fsutil import (
-    BadInput, atomic_path, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json,
-)
+from pqm.files import atomic_path, file_digest, ids_digest, read_json, write_json
 from pqm.jobs import add_speaker_options, job_speaker
 from pqm.lora import META, LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
 from pqm.nf4 import count_params, to_nf4

@@ -22,10 +22,9 @@ from pathlib import Path
 
 from lhotse import CutSet
 
+from pqm.errors import BadInput, MissingInput, cli, require, setup_logging
 from pqm.families import family
-from pqm.fsutil import (
-    BadInput, MissingInput, cli, file_digest, ids_digest, read_json, require, setup_logging, write_json, write_text,
-)
+from pqm.files import file_digest, ids_digest, read_json, write_json, write_text
 from pqm.jobs import add_speaker_options, job_speaker
 from pqm.lora import META, load_adapter
 from pqm.nf4 import to_nf4

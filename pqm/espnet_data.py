@@ -23,7 +23,8 @@ from lhotse.kaldi import export_to_kaldi
 from tqdm import tqdm
 
 from pqm.batches import SAMPLING_RATE, at_16k
-from pqm.fsutil import atomic_path, check_safe_id, cli, setup_logging, write_text
+from pqm.errors import check_safe_id, cli, setup_logging
+from pqm.files import atomic_path, write_text
 from pqm.manifests import SETS, load_set, manifest_path
 from pqm.tokens import TOKEN_TYPES, TokenEncoder, build_token_list, check_word_transcripts, token_dir_name, train_bpe
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pqm.fsutil import BadInput, check_safe_id, require
+from pqm.errors import BadInput, check_safe_id, require
 
 _RANGE = re.compile(r"^JOB=(\d+):(\d+)$")
 _ENDED = re.compile(r"^# Ended \(code (-?\d+)\)", re.MULTILINE)

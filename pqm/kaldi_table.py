@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pqm.fsutil import BadInput
+from pqm.errors import BadInput
 
 BOM = "\ufeff"
 

@@ -32,7 +32,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pqm.fsutil import UserError, require
+from pqm.errors import UserError, require
 from pqm.jobs import Result, Task, expand, run_task
 from pqm.slurm import run_slurm
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from pqm.fsutil import BadInput, atomic_path, read_json, require, write_json
+from pqm.errors import BadInput, require
+from pqm.files import atomic_path, read_json, write_json
 
 META = "pqm_adapter.json"
 

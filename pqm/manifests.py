@@ -13,7 +13,8 @@ from typing import Iterable
 
 from lhotse import CutSet, RecordingSet, SupervisionSet
 
-from pqm.fsutil import atomic_path, require, write_json
+from pqm.errors import require
+from pqm.files import atomic_path, write_json
 
 SETS = ("train", "valid", "adapt", "eval")
 KINDS = ("recordings", "supervisions", "cuts")

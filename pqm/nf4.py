@@ -29,7 +29,8 @@ from bitsandbytes.nn import Params4bit
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pqm.fsutil import BadInput, atomic_path, read_json, require, write_json
+from pqm.errors import BadInput, require
+from pqm.files import atomic_path, read_json, write_json
 
 
 @dataclass

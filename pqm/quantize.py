@@ -6,8 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from pqm.errors import cli, setup_logging
 from pqm.families import family
-from pqm.fsutil import cli, setup_logging, write_json
+from pqm.files import write_json
 from pqm.nf4 import NF4Config, count_params, quantize_model, save_nf4
 
 

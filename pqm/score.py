@@ -17,8 +17,9 @@ import jiwer
 from lhotse import CutSet
 
 from pqm.decode import SYSTEMS
+from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import FAMILIES, family
-from pqm.fsutil import BadInput, atomic_path, cli, read_json, require, setup_logging, write_json, write_text
+from pqm.files import atomic_path, read_json, write_json, write_text
 from pqm.kaldi_table import read_table
 
 

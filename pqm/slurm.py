@@ -24,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from pqm.fsutil import BadInput, UserError, write_json, write_text
+from pqm.errors import BadInput, UserError
+from pqm.files import write_json, write_text
 from pqm.jobs import Result, Task, logged_exit_code, run_task
 
 _TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from pqm.fsutil import BadInput
+from pqm.errors import BadInput
 
 BLANK, UNK, SOS_EOS = "<blank>", "<unk>", "<sos/eos>"
 TOKEN_TYPES = ("word", "bpe")

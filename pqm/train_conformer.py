@@ -29,7 +29,7 @@ import torch
 from espnet2.tasks.asr import ASRTask
 from espnet2.train.trainer import Trainer
 
-from pqm.fsutil import atomic_path
+from pqm.files import atomic_path
 
 _CHECKPOINT_TYPES = [np._core.multiarray.scalar, np.dtype, datetime.timedelta,
                      *{type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")}]

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from conftest import FSDD
-from pqm.fsutil import BadInput
+from pqm.errors import BadInput
 from pqm.recipes.custom import prepare_custom
 from test_recipe import run_sh
 from test_whisper import WHISPER

@@ -6,7 +6,7 @@ import pytest
 from lhotse import CutSet
 
 from conftest import make_fsdd_subset
-from pqm.fsutil import BadInput, MissingInput, check_safe_id
+from pqm.errors import BadInput, MissingInput, check_safe_id
 from pqm.recipes.connected_digits import DigitTaskConfig, make_connected_digits, plan_utterances
 from pqm.recipes.fsdd import prepare_fsdd
 from pqm.tokens import TokenEncoder, build_token_list, check_word_transcripts, train_bpe
@@ -184,9 +184,9 @@ def test_temporary_output_of_a_killed_writer_is_removed_by_the_next(tmp_path):
     import subprocess
     import sys
 
-    from pqm.fsutil import atomic_path
+    from pqm.files import atomic_path
 
-    code = (f"import os\nfrom pqm.fsutil import atomic_path\nwith atomic_path({str(tmp_path / 'out')!r}) as t:\n"
+    code = (f"import os\nfrom pqm.files import atomic_path\nwith atomic_path({str(tmp_path / 'out')!r}) as t:\n"
             "    t.write_text('half'); os._exit(9)")
     subprocess.run([sys.executable, "-c", code], check=False)
     assert [p.name for p in tmp_path.iterdir()][0].startswith(".out.pid")

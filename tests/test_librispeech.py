@@ -10,7 +10,7 @@ import soundfile as sf
 from lhotse import CutSet, Recording
 
 from conftest import FSDD
-from pqm.fsutil import BadInput
+from pqm.errors import BadInput
 from pqm.recipes.librispeech import prepare
 from test_recipe import run_sh
 from test_whisper import WHISPER

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pqm.decode import write_hyps
-from pqm.fsutil import BadInput
+from pqm.errors import BadInput
 from pqm.score import count_errors, markdown, score
 
 

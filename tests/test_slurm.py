@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import write_cluster_config
-from pqm.fsutil import BadInput
+from pqm.errors import BadInput
 from pqm.launch import main
 from pqm.slurm import SlurmUnavailable, check_reachable, load_config
 

@@ -17,7 +17,7 @@ from lhotse import CutSet, MonoCut, Recording
 from lhotse.audio import AudioSource
 
 from conftest import ROOT, SHARED
-from pqm.fsutil import BadInput
+from pqm.errors import BadInput
 from pqm.kaldi_table import read_table
 from pqm.recipes.speechocean762 import prepare_speechocean762
 from pqm.restyle import restyle, word_key

@@ -15,7 +15,7 @@ from lhotse import CutSet, Recording
 from safetensors.torch import load_file
 
 from conftest import FSDD, ROOT, TINY_CONFIG
-from pqm.fsutil import BadInput
+from pqm.errors import BadInput
 from pqm.recipes.tedlium3 import prepare
 from test_recipe import run_sh
 

@@ -9,7 +9,7 @@ import pytest
 from lhotse import CutSet
 
 from conftest import SHARED, make_fsdd_subset
-from pqm.fsutil import BadInput
+from pqm.errors import BadInput
 from test_recipe import run_sh
 
 WHISPER = SHARED / "models" / "whisper-tiny.en"

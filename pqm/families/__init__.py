@@ -28,7 +28,8 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from pqm.fsutil import BadInput, write_json
+from pqm.errors import BadInput
+from pqm.files import write_json
 
 FAMILIES = {  # --model name -> module
     "conformer": "pqm.families.espnet",

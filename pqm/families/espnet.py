@@ -24,8 +24,9 @@ from tqdm import tqdm
 from lhotse import CutSet
 
 from pqm.batches import at_16k, iterate_batches
+from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import record
-from pqm.fsutil import BadInput, atomic_path, cli, require, setup_logging
+from pqm.files import atomic_path
 from pqm.tokens import TokenEncoder
 
 FP_MADE_BY = "stage 4 (train or load the model)"

@@ -22,8 +22,9 @@ from lhotse import CutSet
 from tqdm import tqdm
 
 from pqm.batches import SAMPLING_RATE, at_16k, cut_batches
+from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import record
-from pqm.fsutil import BadInput, atomic_path, cli, require, setup_logging
+from pqm.files import atomic_path
 
 FP_MADE_BY = "stage 4 (load the pretrained Whisper model)"
 DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"

@@ -30,7 +30,8 @@ from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, Supervis
 from lhotse.audio.utils import AudioLoadingError
 from tqdm import tqdm
 
-from pqm.fsutil import BadInput, atomic_path, check_safe_id, cli, setup_logging
+from pqm.errors import BadInput, check_safe_id, cli, setup_logging
+from pqm.files import atomic_path
 from pqm.manifests import SETS, write_set, write_speakers
 from pqm.recipes.fsdd import parse_name, prepare_fsdd
 

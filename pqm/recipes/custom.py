@@ -28,7 +28,7 @@ from pathlib import Path
 import soundfile as sf
 from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 
-from pqm.fsutil import BadInput, check_safe_id, cli, setup_logging
+from pqm.errors import BadInput, check_safe_id, cli, setup_logging
 from pqm.kaldi_table import read_table
 from pqm.manifests import write_speakers, write_utterance_set
 

@@ -28,7 +28,7 @@ from lhotse import (
 )
 from lhotse.utils import Pathlike, resumable_download
 
-from pqm.fsutil import BadInput, MissingInput, check_safe_id, cli, setup_logging
+from pqm.errors import BadInput, MissingInput, check_safe_id, cli, setup_logging
 
 FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
 FSDD_URL = (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lhotse.recipes import download_librispeech, prepare_librispeech
 
-from pqm.fsutil import BadInput, cli, setup_logging
+from pqm.errors import BadInput, cli, setup_logging
 from pqm.manifests import write_speakers, write_utterance_set
 from pqm.recipes.speakers import corpus_or_download, recipe_parser, split_test_speakers
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pqm.fsutil import BadInput, check_safe_id
+from pqm.errors import BadInput, check_safe_id
 
 
 def split_test_speakers(sups: Iterable, train_speakers: set[str], adapt_per_speaker: int, order: Callable[[Any], Any],

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lhotse import Recording, SupervisionSegment
 
-from pqm.fsutil import BadInput, cli, setup_logging
+from pqm.errors import BadInput, cli, setup_logging
 from pqm.kaldi_table import read_table
 from pqm.manifests import write_speakers, write_utterance_set
 from pqm.recipes.speakers import recipe_parser, split_test_speakers

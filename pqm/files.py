@@ -1,53 +1,18 @@
-"""Small file-system helpers shared by every stage: atomic writes, safe ids, logging."""
+"""Files the stages write and read: atomic writes (a killed stage leaves no half-written output), JSON, digests."""
 
 from __future__ import annotations
 
 import glob
 import hashlib
 import json
-import logging
 import os
-import re
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-class UserError(Exception):
-    """A problem with the user's input or run order, reported without a traceback."""
-
-
-class MissingInput(UserError, FileNotFoundError):
-    """A stage's input does not exist yet."""
-
-
-class BadInput(UserError, ValueError):
-    """Input data or an option that cannot be used."""
-
-
-def cli(main: Callable[[], Any]) -> None:
-    """Run a stage's ``main``; a :class:`UserError` becomes one ``ERROR:`` line and exit code 2."""
-    try:
-        main()
-    except UserError as exc:
-        logging.getLogger().handlers or setup_logging()
-        logging.error(str(exc))
-        sys.exit(2)
-
-
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def check_safe_id(value: str, what: str = "speaker id") -> str:
-    """Return ``value`` if it can be used as a file name and shell word, else raise."""
-    if not SAFE_ID.match(value) or ".." in value:
-        raise BadInput(
-            f"unsafe {what} {value!r}: use only letters, digits, '_', '-', '.' "
-            f"(at most 64 characters, not starting with '.' or '-'); rename it in your data"
-        )
-    return value
+from pqm.errors import require
 
 
 def _alive(pid: int) -> bool:
@@ -109,21 +74,3 @@ def file_digest(path: str | os.PathLike) -> str:
 def ids_digest(ids) -> str:
     """SHA-256 of a set of ids (utterances, speakers), independent of their order."""
     return hashlib.sha256(" ".join(sorted(ids)).encode()).hexdigest()
-
-
-def require(path: str | os.PathLike, made_by: str = "") -> Path:
-    """Return ``path`` if it exists, else exit with a message naming the stage that makes it."""
-    path = Path(path)
-    if not path.exists():
-        hint = f"; it is made by {made_by}" if made_by else ""
-        raise MissingInput(f"missing input {path}{hint}")
-    return path
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Log ``time level message`` lines to stderr, the way ESPnet tools do."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
