@@ -23,6 +23,7 @@ from lhotse import CutSet
 from safetensors.torch import load_file
 
 from conftest import ROOT, make_fsdd_subset, write_cluster_config
+from pqm.kaldi_table import read_table
 
 pytestmark = pytest.mark.e2e
 
@@ -183,7 +184,6 @@ def test_fp_model_really_learned_and_nf4_differs(recipe):
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     from pqm.families.espnet import build_model
     from pqm.nf4 import to_nf4
-    from pqm.kaldi_table import read_table
     from pqm.score import count_errors
 
     cuts = CutSet.from_file(data / "manifests" / "fsdd_cuts_train.jsonl.gz")
@@ -203,6 +203,26 @@ def test_fp_model_really_learned_and_nf4_differs(recipe):
         nf4_out = model.encode(speech, lengths)[0]
     assert not torch.allclose(fp_out, nf4_out, atol=1e-4)
     assert torch.nn.functional.cosine_similarity(fp_out.flatten(), nf4_out.flatten(), dim=0) > 0.9
+
+
+def test_transcribe_gives_stage_8s_hypotheses(recipe, tmp_path):
+    """pqm.transcribe on a speaker's evaluation audio: nicolas's own adapter, george's fallback to SAT
+    (said in the JSON lines) and fp give exactly what stage 8 decoded."""
+    exp, data = recipe["exp"], recipe["data"]
+    cuts = CutSet.from_file(data / "manifests" / "fsdd_cuts_eval.jsonl.gz").to_eager()
+    for speaker, who, system in (("nicolas", ["--speaker", "nicolas"], "pqm"),
+                                 ("george", ["--speaker", "george"], "nf4_sat"),
+                                 ("george", ["--system", "fp"], "fp")):
+        mine = tmp_path / f"{speaker}.jsonl.gz"
+        cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_file(mine)
+        out = tmp_path / f"{speaker}_{system}.jsonl"
+        subprocess.run([sys.executable, "-m", "pqm.transcribe", "--expdir", str(exp), *who, "--beam-size", "2",
+                        "--format", "jsonl", "--out", str(out), str(mine)], cwd=ROOT, check=True, capture_output=True)
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        decoded = read_table(exp / "decode" / system / speaker / "text")
+        assert {r["utterance"]: r["hypothesis"] for r in rows} == decoded, (speaker, system)
+        assert {r["system"] for r in rows} == {"nf4_sat (no pqm adapter)" if speaker == "george" and system != "fp"
+                                               else system}
 
 
 def test_missing_speaker_adapter_is_refused(recipe):
