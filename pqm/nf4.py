@@ -281,17 +281,36 @@ def count_params(model: nn.Module) -> int:
 NF4_MADE_BY = "stage 5 (NF4 quantisation)"
 
 
+def size_breakdown(model: nn.Module, state: dict[str, torch.Tensor], modules: list[str]) -> dict[str, int]:
+    """Bytes of the NF4 file's tensors by what they hold: the 4-bit weights of ``modules``, their
+    quantisation state, and the tensors left in full precision by module type and tensor name."""
+    quantised = set(modules)
+    out: dict[str, int] = {}
+    for key, value in state.items():
+        if key.startswith(SHARED_PREFIX) or key.partition(".weight.")[0] in quantised:
+            what = "4-bit quantisation state (absmax, code tables)"
+        elif key.endswith(".weight") and key[: -len(".weight")] in quantised:
+            what = "4-bit weights"
+        else:
+            owner, _, name = key.rpartition(".")
+            what = f"full precision: {type(model.get_submodule(owner)).__name__}.{name}"
+        out[what] = out.get(what, 0) + value.numel() * value.element_size()
+    return dict(sorted(out.items(), key=lambda item: -item[1]))
+
+
 def save_nf4(model: nn.Module, cfg: NF4Config, modules: list[str], out_dir: Path, omitted: set[str]) -> str:
     """Save an NF4 model as ``out_dir/{model.safetensors,nf4.json}``; return its fingerprint.
 
     ``omitted``: state-dict keys the model's family rebuilds (or ties) by itself.
     """
     base_fingerprint = fingerprint(model)
+    state = compact_state_dict(model.state_dict(), omitted)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        save_file(compact_state_dict(model.state_dict(), omitted), str(tmp / "model.safetensors"))
+        save_file(state, str(tmp / "model.safetensors"))
         write_json(tmp / "nf4.json", {"config": vars(cfg), "modules": modules, "rebuilt_buffers": sorted(omitted),
-                                      "fingerprint": base_fingerprint})
+                                      "fingerprint": base_fingerprint,
+                                      "size_breakdown_bytes": size_breakdown(model, state, modules)})
     return base_fingerprint
 
 

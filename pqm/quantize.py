@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pqm.errors import cli, setup_logging
 from pqm.families import family
-from pqm.files import write_json
+from pqm.files import read_json, write_json
 from pqm.nf4 import NF4Config, count_params, quantize_model, save_nf4
 
 
@@ -48,8 +48,12 @@ def main(argv: list[str] | None = None) -> None:
         "embeddings_quantised": bool(embeddings),
         "fingerprint": base_fingerprint,
     }
+    breakdown = read_json(a.out / "nf4.json")["size_breakdown_bytes"]
+    report["breakdown_bytes"] = {**breakdown, "safetensors header (names, shapes)": nf4_bytes - sum(breakdown.values())}
     write_json(a.out / "size.json", report)
-    logging.info(f"fp32 {fp32_bytes} bytes, NF4 {nf4_bytes} bytes: {report['ratio']}x smaller")
+    logging.info(f"fp32 {fp32_bytes} bytes, NF4 {nf4_bytes} bytes: {report['ratio']}x smaller; the NF4 file holds:")
+    for what, size in report["breakdown_bytes"].items():
+        logging.info(f"  {size / 1e6:9.2f} MB {100 * size / nf4_bytes:5.1f}%  {what}")
 
 
 if __name__ == "__main__":

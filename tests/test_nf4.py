@@ -24,6 +24,22 @@ def _encode(model, speech, lengths):
         return model.encode(speech, lengths)[0]
 
 
+def test_size_breakdown_adds_up_to_the_file(tiny_fp_dir, tmp_path):
+    """Stage 5's size.json splits the NF4 file into 4-bit weights, their state, each kind of full-precision
+    tensor and the safetensors header; the parts add up to the file's size."""
+    import json
+
+    from pqm.quantize import main as quantize
+
+    quantize(["--fp-dir", str(tiny_fp_dir), "--out", str(tmp_path / "nf4")])
+    report = json.loads((tmp_path / "nf4" / "size.json").read_text())
+    parts = report["breakdown_bytes"]
+    assert sum(parts.values()) == report["size_bytes"]["nf4"] == (tmp_path / "nf4" / "model.safetensors").stat().st_size
+    assert max(parts, key=parts.get) == "4-bit weights"
+    assert parts["full precision: Linear4bit.bias"] > 0 and parts["full precision: LayerNorm.weight"] > 0
+    assert all(v > 0 for v in parts.values())
+
+
 def test_quantize_replaces_linears_and_large_convs(tiny_fp_dir):
     model = build_model(tiny_fp_dir).eval()
     names = quantize_model(model, NF4Config(min_conv_numel=2048))
