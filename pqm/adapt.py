@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -144,6 +145,25 @@ class Selection:
         """The epoch to keep: the last one with the fewest errors (0: the starting point)."""
         best = min(self.errors)
         return max(i for i, e in enumerate(self.errors) if e == best)
+
+
+class StepTimer:
+    """Wall time of a job's steps, one after another, and the process's peak memory."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.time()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, step: str) -> None:
+        now = time.time()
+        self.seconds[step] = round(now - self.last, 1)
+        self.last = now
+
+    def report(self) -> dict:
+        """``seconds`` (total), ``seconds_by_step`` and ``peak_memory_mb`` (resident set size)."""
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+        return {"seconds": round(time.time() - self.start, 1), "seconds_by_step": dict(self.seconds),
+                "peak_memory_mb": round(peak_kb / 1024)}
 
 
 class Checkpoint:
@@ -344,10 +364,11 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         if done.exists() and read_json(done).get("run_key") == key:
             logging.info(f"{out} was already made with these inputs and settings: nothing to do")
             return
-    start = time.time()
+    timer = StepTimer()
     rec = models.recognizer(a.fp_dir, a.device, beam_size=1, ctc_weight=a.ctc_weight)
     model = rec.model
     base_params = count_params(model)
+    timer.done("load the model")
     if a.target_style != "corpus":
         hyps = None
         if a.target_style == "model":
@@ -355,6 +376,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
             hyps = fp_hypotheses(rec, cuts, out.parent / f".{out.name}.fp_hyps.json",
                                  {"fp": file_digest(a.fp_dir / "model.safetensors"), "utterances": key["utterances"]})
         cuts = restyled(cuts, a.target_style, hyps)
+        timer.done("restyle the targets")
     rec.set_window(a.window)
     held_ids = set(sorted(c.id for c in cuts)[len(cuts) - a.holdout:]) if a.holdout else set()
     held_out = cuts.filter(lambda c: c.id in held_ids).to_eager() if held_ids else None
@@ -364,6 +386,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         model = load_adapter(model, a.init, base_fingerprint, trainable=True)
     else:
         model = add_lora(model, LoraSettings(a.lora_targets, a.lora_r, a.lora_alpha, a.lora_dropout))
+    timer.done("quantise, add LoRA")
     n_lora = trainable_params(model)
     logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on "
                  f"{len(train_cuts)} utterances" + (f", {a.holdout} held out" if a.holdout else ""))
@@ -371,6 +394,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
     losses = train_adapter(model, train_cuts, models.batch_iterator(a.fp_dir, a.window), a.epochs, a.lr, a.batch_size,
                            a.seed, a.device, checkpoint, ranks, selection)
+    timer.done("train" + (" and decode the held-out utterances" if held_out else ""))
     if not ranks.main:
         return
     meta = {
@@ -388,18 +412,19 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
                       f"errors than the start")
             logging.warning(f"speaker {speaker}: {reason}; keeping the starting point (see {out}/fallback.json)")
             shutil.rmtree(out, ignore_errors=True)
-            write_json(out / "fallback.json", {"speaker": speaker, "reason": reason, **meta,
-                                               "seconds": round(time.time() - start, 1)})
+            write_json(out / "fallback.json", {"speaker": speaker, "reason": reason, **meta, **timer.report()})
             checkpoint.remove()
             return
         if best < a.epochs:
             set_peft_model_state_dict(model, selection.best_state)
             logging.info(f"keeping the adapter of epoch {best} (fewest held-out errors)")
-    meta["seconds"] = round(time.time() - start, 1)
+    meta.update(timer.report())
     (out / "fallback.json").unlink(missing_ok=True)
     save_adapter(model, out, meta)
     checkpoint.remove()
-    logging.info(f"wrote adapter {out}")
+    timer.done("save")
+    steps = ", ".join(f"{step} {seconds} s" for step, seconds in timer.seconds.items())
+    logging.info(f"wrote adapter {out}; {steps}; peak memory {meta['peak_memory_mb']} MB")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ def test_killed_job_resumes_to_the_same_adapter(setup, tmp_path):
 def test_finished_adapter_is_not_retrained(setup, tmp_path):
     subprocess.run(_cmd(setup, tmp_path / "a", epochs=1), cwd=ROOT, env=ENV, check=True, capture_output=True)
     before = (tmp_path / "a" / "adapter_model.safetensors").stat().st_mtime_ns
+    meta = json.loads((tmp_path / "a" / "pqm_adapter.json").read_text())  # where the job's time and memory went
+    assert list(meta["seconds_by_step"]) == ["load the model", "quantise, add LoRA", "train"]
+    assert sum(meta["seconds_by_step"].values()) <= meta["seconds"] + 0.2 and meta["peak_memory_mb"] > 100
     again = subprocess.run(_cmd(setup, tmp_path / "a", epochs=1), cwd=ROOT, env=ENV, check=True,
                            capture_output=True, text=True)
     assert "nothing to do" in again.stderr
