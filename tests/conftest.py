@@ -18,6 +18,7 @@ from pqm.families import record
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 FSDD = SHARED / "corpora" / "fsdd"
+WHISPER = SHARED / "models" / "whisper-tiny.en"
 TINY_CONFIG = ROOT / "conf" / "tuning" / "train_conformer_tiny.yaml"
 TOKENS = ["<blank>", "<unk>", "eight", "five", "four", "nine", "one", "seven", "six", "three", "two", "zero", "<sos/eos>"]
 
@@ -32,8 +33,26 @@ def pytest_collection_modifyitems(items) -> None:
 @pytest.fixture(scope="session")
 def fsdd_dir() -> Path:
     if not (FSDD / "recordings").is_dir():
-        pytest.skip(f"{FSDD} is absent: the FSDD copy in ../shared is needed")
+        pytest.fail(f"{FSDD} is absent: the FSDD copy in ../shared is needed")
     return FSDD
+
+
+@pytest.fixture(scope="session")
+def whisper_dir() -> Path:
+    """The real whisper-tiny.en of ../shared (read-only: as a --pretrained source, or read directly)."""
+    if not (WHISPER / "config.json").is_file():
+        pytest.fail(f"{WHISPER} is absent: the Whisper tests need the real whisper-tiny.en there")
+    return WHISPER
+
+
+@pytest.fixture(scope="session")
+def whisper_fp_dir(whisper_dir, tmp_path_factory) -> Path:
+    """Stage 4 of the Whisper family once per test run: tiny.en exported as an ``fp`` model folder."""
+    from pqm.families.whisper import export_pretrained
+
+    out = tmp_path_factory.mktemp("whisper") / "fp"
+    export_pretrained(str(whisper_dir), out)
+    return out
 
 
 def make_fsdd_subset(dst: Path, speakers: list[str], per_digit: int = 50) -> Path:

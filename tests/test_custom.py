@@ -13,7 +13,6 @@ from conftest import FSDD
 from pqm.errors import BadInput
 from pqm.recipes.custom import prepare_custom
 from test_recipe import run_sh
-from test_whisper import WHISPER
 
 WORDS = "zero one two three four five six seven eight nine".split()
 
@@ -116,6 +115,30 @@ def test_tables_in_any_whitespace_and_paths_with_spaces(dirs, tmp_path):
     assert first.recording.sources[0].source == str(spaced)
 
 
+def test_relative_audio_paths_are_read_from_the_current_folder_and_said(dirs, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(FSDD)
+    for name in ("train", "adapt", "eval"):
+        wav = dirs[name] / "wav.scp"
+        wav.write_text(wav.read_text().replace(f"{FSDD}/", ""))
+    with caplog.at_level("INFO"):
+        prepare_custom(dirs["train"], dirs["adapt"], dirs["eval"], tmp_path / "m")
+    assert f"relative paths such as recordings/0_jackson_0.wav are read from {FSDD}" in caplog.text
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInput, match=f"audio files do not exist: recordings/0_jackson_0.wav.*read from {tmp_path}"):
+        prepare_custom(dirs["train"], dirs["adapt"], dirs["eval"], tmp_path / "m2")
+
+
+def test_two_channel_cuts_are_refused(dirs, tmp_path):
+    from lhotse import CutSet, MultiCut, Recording
+
+    _stereo(dirs["adapt"])
+    rec = Recording.from_file(dirs["adapt"] / "stereo.wav", recording_id="george-0-0")
+    cut = MultiCut(id="george-0-0", start=0, duration=rec.duration, channel=[0, 1], recording=rec)
+    CutSet.from_cuts([cut]).to_file(tmp_path / "stereo.jsonl.gz")
+    with pytest.raises(BadInput, match="cuts george-0-0 have more than one channel"):
+        prepare_custom(dirs["train"], tmp_path / "stereo.jsonl.gz", dirs["eval"], tmp_path / "m")
+
+
 def test_evaluation_overlapping_adaptation_is_refused(dirs, tmp_path):
     """The same utterance ids, or other ids for the same audio files, in the adaptation and evaluation sets."""
     with pytest.raises(BadInput, match=r"overlaps the adaptation set .*utterances george-0-0, george-1-0, george-2-0"):
@@ -135,9 +158,7 @@ def test_test_speaker_in_training_is_refused(dirs, tmp_path):
 
 
 @pytest.mark.e2e
-def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, tmp_path):
-    if not (WHISPER / "config.json").is_file():
-        pytest.skip(f"{WHISPER} is absent")
+def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, whisper_dir, tmp_path):
     data = ["--corpus", "custom", "--train-data", str(dirs["train"]), "--adapt-data", str(dirs["adapt"]),
             "--eval-data", str(dirs["eval"]), "--datadir", str(tmp_path / "data")]
     train = write_kaldi_dir(tmp_path / "train2", "jackson", range(10), 1)  # each word twice: one can be held out
@@ -156,7 +177,7 @@ def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, tmp_path):
     assert sf.info(path).duration == pytest.approx(original.duration, abs=1e-3)
 
     exp = tmp_path / "whisper"
-    run_sh(*data, "--expdir", str(exp), "--model", "whisper", "--pretrained", str(WHISPER), "--sat-utts", "4",
+    run_sh(*data, "--expdir", str(exp), "--model", "whisper", "--pretrained", str(whisper_dir), "--sat-utts", "4",
            "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true")
     results = json.loads((exp / "results.json").read_text())
     assert results["corpus"] == "custom" and results["test_speakers"] == ["george"]

@@ -13,7 +13,6 @@ from conftest import FSDD
 from pqm.errors import BadInput
 from pqm.recipes.librispeech import prepare
 from test_recipe import run_sh
-from test_whisper import WHISPER
 
 WORDS = "zero one two three four five six seven eight nine".split()
 READERS = {"train-clean-100": ("jackson", "19", "198"), "test-clean": ("george", "1089", "134686"),
@@ -54,13 +53,11 @@ def test_reader_in_training_and_test_is_refused(fsdd_dir, tmp_path):
 
 
 @pytest.mark.e2e
-def test_librispeech_recipe_with_whisper_end_to_end(fsdd_dir, tmp_path):
-    if not (WHISPER / "config.json").is_file():
-        pytest.skip(f"{WHISPER} is absent")
+def test_librispeech_recipe_with_whisper_end_to_end(fsdd_dir, whisper_dir, tmp_path):
     corpus = write_librispeech(tmp_path, per_reader=5)
     exp = tmp_path / "exp"
     run_sh("--corpus", "librispeech", "--librispeech-dir", str(corpus), "--datadir", str(tmp_path / "data"),
-           "--expdir", str(exp), "--model", "whisper", "--pretrained", str(WHISPER), "--adapt-per-speaker", "2",
+           "--expdir", str(exp), "--model", "whisper", "--pretrained", str(whisper_dir), "--adapt-per-speaker", "2",
            "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true")
     results = json.loads((exp / "results.json").read_text())
     assert results["corpus"] == "librispeech" and results["test_speakers"] == ["1089", "4294"]

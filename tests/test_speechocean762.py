@@ -16,14 +16,13 @@ import torch
 from lhotse import CutSet, MonoCut, Recording
 from lhotse.audio import AudioSource
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, WHISPER
 from pqm.errors import BadInput
 from pqm.kaldi_table import read_table
 from pqm.recipes.speechocean762 import prepare_speechocean762
 from pqm.restyle import restyle, word_key
 
 SO762 = SHARED / "corpora" / "speechocean762"
-WHISPER = SHARED / "models" / "whisper-tiny.en"
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +38,6 @@ def so762_manifests(so762_dir, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("so762")
     prepare_speechocean762(make_subset(so762_dir, tmp / "so762", train=1, test=1, wav_speaker=False), tmp / "manifests")
     return tmp / "manifests"
-
-
-@pytest.fixture(scope="module")
-def whisper_dir() -> Path:
-    if not (WHISPER / "config.json").is_file():
-        pytest.fail(f"{WHISPER} is absent: the Whisper tests need the real whisper-tiny.en there")
-    return WHISPER
 
 
 def make_subset(src: Path, dst: Path, train: int = 2, test: int = 2, wav_speaker: bool = True) -> Path:
@@ -191,15 +183,15 @@ def _array_cut(audio) -> MonoCut:
 
 
 @pytest.mark.e2e
-def test_harmful_adaptation_keeps_the_starting_point(so762_manifests, whisper_dir, tmp_path):
+def test_harmful_adaptation_keeps_the_starting_point(so762_manifests, whisper_fp_dir, tmp_path):
     """A learning rate that wrecks the adapter: the held-out utterances get worse, so the job keeps the
     starting point (no adapter, fallback.json with the errors of every epoch) and decoding falls back."""
     from pqm.quantize import main as quantize
 
-    quantize(["--fp-dir", str(whisper_dir), "--out", str(tmp_path / "nf4")])
+    quantize(["--fp-dir", str(whisper_fp_dir), "--out", str(tmp_path / "nf4")])
     speaker = json.loads((so762_manifests / "speakers.json").read_text())["test"][0]
     out = tmp_path / "nf4_sa" / speaker
-    cmd = [sys.executable, "-m", "pqm.adapt", "--fp-dir", str(whisper_dir), "--nf4-dir", str(tmp_path / "nf4"),
+    cmd = [sys.executable, "-m", "pqm.adapt", "--fp-dir", str(whisper_fp_dir), "--nf4-dir", str(tmp_path / "nf4"),
            "--cuts", str(so762_manifests / "speechocean762_cuts_adapt.jsonl.gz"), "--speaker", speaker,
            "--max-utts", "4", "--holdout", "2", "--epochs", "2", "--lr", "0.05", "--batch-size", "2",
            "--window", "padded", "--target-style", "sentence", "--out", str(out)]

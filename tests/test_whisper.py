@@ -8,18 +8,10 @@ from pathlib import Path
 import pytest
 from lhotse import CutSet
 
-from conftest import SHARED, make_fsdd_subset
+from conftest import WHISPER, make_fsdd_subset
 from pqm.errors import BadInput
 from test_recipe import run_sh
 
-WHISPER = SHARED / "models" / "whisper-tiny.en"
-
-
-@pytest.fixture(scope="module")
-def whisper_dir() -> Path:
-    if not (WHISPER / "config.json").is_file():
-        pytest.skip(f"{WHISPER} is absent: the Whisper tests need the real whisper-tiny.en there")
-    return WHISPER
 
 
 def test_normaliser_counts_digits_alike():

@@ -137,6 +137,10 @@ def load_input(path: Path) -> tuple[RecordingSet, SupervisionSet]:
     empty = [s.id for s in sups if not (s.text or "").strip()]
     if empty:
         raise BadInput(f"{path}: empty transcripts for {_first(empty)}")
+    stereo = sorted(c.id for c in cuts if c.num_channels != 1)
+    if stereo:
+        raise BadInput(f"{path}: cuts {_first(stereo)} have more than one channel: the recipe reads mono audio; "
+                       "mix them down first")
     missing = [src.source for r in recs for src in r.sources if src.type == "file" and not Path(src.source).is_file()]
     if missing:
         raise BadInput(f"{path}: {len(missing)} audio files do not exist: {_first(missing)}")
