@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-targets", default=None, help="regex over module names (default: the model family's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--window", default="trimmed", choices=("trimmed", "padded"),
-                   help="Whisper input: the batch's longest clip, or the 30 s window (pqm.whisper.features)")
+    p.add_argument("--window", default="padded", choices=("padded", "trimmed"),
+                   help="Whisper input: the 30 s window, or only the batch's longest clip (pqm.families.whisper.features)")
     p.add_argument("--target-style", default="corpus", choices=STYLES,
                    help="Whisper targets: the references as they are, or restyled (pqm.restyle)")
     p.add_argument("--holdout", type=int, default=0,

@@ -183,7 +183,7 @@ def embedding_modules() -> list[str]:
     return []
 
 
-def batch_iterator(fp_dir: Path, window: str = "trimmed"):
+def batch_iterator(fp_dir: Path, window: str = "padded"):
     """``iterate(cuts, batch_size, epoch, seed, rank, world_size)``: ESPnet's forward arguments
     (whole utterances: ``window`` applies to Whisper only)."""
     tokenizer = token_encoder(fp_dir)

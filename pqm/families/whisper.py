@@ -109,7 +109,7 @@ HOP = 160  # samples per log-mel frame
 MAX_FRAMES = 3000  # Whisper's 30 s window
 
 
-def features(processor, cuts: list, window: str = "trimmed") -> torch.Tensor:
+def features(processor, cuts: list, window: str = "padded") -> torch.Tensor:
     """Whisper's log-mel input features of the cuts' 16 kHz audio.
 
     ``window="padded"``: every clip padded to Whisper's 30 s window, as in its
@@ -162,7 +162,7 @@ def fit_encoder_to_input(model: torch.nn.Module) -> None:
     _encoder(model).register_forward_pre_hook(fit, with_kwargs=True)
 
 
-def batch_iterator(fp_dir: Path, window: str = "trimmed") -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
+def batch_iterator(fp_dir: Path, window: str = "padded") -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
     """Batches of ``input_features`` (:func:`features` with ``window``) and ``labels`` for
     ``WhisperForConditionalGeneration.forward``.
 
