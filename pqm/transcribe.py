@@ -17,17 +17,20 @@ rebuilt on the ``fp/`` model it was made from) with:
 
 Every adapter is checked against the base's fingerprint, as in decoding, and
 decoded in the input window it was trained in. Output: Kaldi ``text`` lines,
-or JSON lines (utterance, speaker, system, adapter, hypothesis, seconds).
+or JSON lines (utterance, speaker, system, hypothesis, seconds).
 Whisper refuses audio over 30 s with the file named (no long-form decoding yet).
+:class:`Transcriber` is shared with the HTTP service (``pqm.serve``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from lhotse import CutSet, Recording
@@ -36,9 +39,9 @@ from lhotse.audio.utils import AudioLoadingError
 from pqm.decode import adapter_window
 from pqm.errors import BadInput, check_safe_id, cli, require, setup_logging
 from pqm.families import family
-from pqm.files import read_json
+from pqm.files import file_digest, read_json
 from pqm.kaldi_table import read_table
-from pqm.lora import load_adapter
+from pqm.lora import check_adapter, load_adapter
 from pqm.nf4 import to_nf4
 
 SYSTEMS = ("fp", "nf4", "nf4_sat")
@@ -52,9 +55,9 @@ def read_inputs(paths: list[Path]) -> CutSet:
         if path.name.endswith((".jsonl.gz", ".jsonl")):
             cuts += list(CutSet.from_file(path))
         elif path.name == "wav.scp" or path.suffix == ".scp":
-            cuts += [_audio_cut(Path(audio), utt, path) for utt, audio in read_table(path).items()]
+            cuts += [audio_cut(Path(audio), utt) for utt, audio in read_table(path).items()]
         else:
-            cuts.append(_audio_cut(path, path.stem, path))
+            cuts.append(audio_cut(path, path.stem))
     ids = [c.id for c in cuts]
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:
@@ -64,32 +67,80 @@ def read_inputs(paths: list[Path]) -> CutSet:
     return CutSet.from_cuts(cuts)
 
 
-def _audio_cut(audio: Path, utt: str, named_in: Path):
-    """A cut of one whole audio file (channel 0 of mono audio only)."""
+def audio_cut(audio: Path, utt: str):
+    """A cut of one whole mono audio file; unreadable, empty or multi-channel audio is refused."""
     try:
-        rec = Recording.from_file(require(audio, f"{named_in}"), recording_id=utt)
+        rec = Recording.from_file(require(audio), recording_id=utt)
     except (RuntimeError, AudioLoadingError) as err:  # libsndfile's and lhotse's: not audio they can read
-        raise BadInput(f"{audio} is not audio that can be read ({err})") from None
+        raise BadInput(f"{audio.name} is not audio that can be read ({err})") from None
     if rec.num_channels != 1:
-        raise BadInput(f"{audio} has {rec.num_channels} channels: mix it down to mono first")
+        raise BadInput(f"{audio.name} has {rec.num_channels} channels: mix it down to mono first")
+    if rec.num_samples == 0:
+        raise BadInput(f"{audio.name} holds no audio samples")
     return rec.to_cut()
 
 
-def choose_adapter(expdir: Path, speaker: str | None, adapter: Path | None, system: str | None) -> tuple[Path | None, str]:
-    """(adapter folder or None for the bare model, what to call it in the output)."""
-    if adapter is not None:
-        return require(adapter / "adapter_model.safetensors").parent, str(adapter)
-    if speaker is not None:
-        own = expdir / "adapters" / "pqm" / check_safe_id(speaker)
+class Transcriber:
+    """The experiment's base model (NF4, or fp with ``quantise=False``) and speakers' adapters loaded on
+    demand onto it, at most ``cache`` at a time (the least recently used is unloaded)."""
+
+    def __init__(self, expdir: Path, device: str = "cpu", beam_size: int = 1, ctc_weight: float = 0.5,
+                 quantise: bool = True, cache: int = 8) -> None:
+        self.expdir, self.cache = expdir, max(1, cache)
+        fp_dir = require(expdir / "fp", "stage 4")
+        self.rec = family(fp_dir).recognizer(fp_dir, device, beam_size, ctc_weight)
+        self.base_fingerprint = to_nf4(self.rec.model, require(expdir / "nf4", "stage 5"), device=device) \
+            if quantise else None
+        self.peft = None
+        self.loaded: OrderedDict[str, Path] = OrderedDict()  # peft adapter name -> folder
+
+    def adapter_of(self, speaker: str | None) -> tuple[Path | None, str]:
+        """(adapter folder, what to call the system): the speaker's ``pqm`` adapter, else SAT (said in the
+        name); no speaker: the bare base model."""
+        if speaker is None:
+            return None, "nf4" if self.base_fingerprint else "fp"
+        own = self.expdir / "adapters" / "pqm" / check_safe_id(speaker)
         if (own / "adapter_model.safetensors").exists():
             return own, "pqm"
         why = read_json(own / "fallback.json").get("reason", "") if (own / "fallback.json").exists() \
             else "no adapter of this speaker"
-        logging.warning(f"speaker {speaker}: {why}; using the SAT adapter (nf4_sat)")
-        return require(expdir / "sat" / "adapter_model.safetensors", "stage 6").parent, "nf4_sat (no pqm adapter)"
-    if system == "nf4_sat":
-        return require(expdir / "sat" / "adapter_model.safetensors", "stage 6").parent, "nf4_sat"
-    return None, system or "nf4"
+        logging.info(f"speaker {speaker}: {why}; using the SAT adapter")
+        return self.sat(), "nf4_sat (no pqm adapter)"
+
+    def sat(self) -> Path:
+        return require(self.expdir / "sat" / "adapter_model.safetensors", "stage 6").parent
+
+    def speakers(self) -> dict[str, list[str]]:
+        """Speakers with an adapter on disk now, and the adapters loaded in memory."""
+        folder = self.expdir / "adapters" / "pqm"
+        on_disk = sorted(p.name for p in folder.iterdir() if (p / "adapter_model.safetensors").exists()) \
+            if folder.is_dir() else []
+        return {"with_adapter": on_disk, "loaded": [str(p) for p in self.loaded.values()]}
+
+    def _activate(self, adapter: Path | None):
+        """A context in which the model decodes with ``adapter`` (None: the bare base)."""
+        if adapter is None:
+            return self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
+        if self.base_fingerprint is None:
+            raise BadInput("adapters need the NF4 base (this transcriber decodes fp)")
+        name = "a" + file_digest(adapter / "adapter_model.safetensors")[:16]  # a changed file is a new adapter
+        if name not in self.loaded:
+            check_adapter(adapter, self.base_fingerprint)
+            if len(self.loaded) >= self.cache:
+                old, _ = self.loaded.popitem(last=False)
+                self.peft.delete_adapter(old)
+            self.peft = load_adapter(self.peft if self.peft is not None else self.rec.model, adapter,
+                                     self.base_fingerprint, name=name)
+        self.loaded[name] = adapter
+        self.loaded.move_to_end(name)
+        self.peft.set_adapter(name)
+        return contextlib.nullcontext()
+
+    def transcribe(self, cuts, adapter: Path | None) -> dict[str, str]:
+        """``{utterance id: hypothesis}`` with ``adapter`` (None: the bare base), in its trained window."""
+        with self._activate(adapter):
+            self.rec.set_window(adapter_window(adapter) if adapter is not None else "padded")
+            return self.rec.transcribe(list(cuts), desc="transcribe")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,18 +161,17 @@ def main(argv: list[str] | None = None) -> None:
     if a.beam_size < 1:
         p.error(f"--beam-size {a.beam_size}: a positive integer is needed")
     cuts = read_inputs(a.inputs)
-    adapter, name = choose_adapter(a.expdir, a.speaker, a.adapter, a.system)
-    fp_dir = require(a.expdir / "fp", "stage 4")
-    rec = family(fp_dir).recognizer(fp_dir, a.device, a.beam_size, a.ctc_weight)
-    if a.system != "fp":
-        base_fingerprint = to_nf4(rec.model, require(a.expdir / "nf4", "stage 5"), device=a.device)
-        if adapter is not None:
-            load_adapter(rec.model, adapter, base_fingerprint, name="speaker").set_adapter("speaker")
-    rec.set_window(adapter_window(adapter) if adapter is not None else "padded")
+    model = Transcriber(a.expdir, a.device, a.beam_size, a.ctc_weight, quantise=a.system != "fp")
+    if a.adapter is not None:
+        adapter, name = require(a.adapter / "adapter_model.safetensors").parent, str(a.adapter)
+    elif a.system == "nf4_sat":
+        adapter, name = model.sat(), "nf4_sat"
+    else:
+        adapter, name = model.adapter_of(a.speaker)
     lines = []
     for cut in cuts:
         start = time.time()
-        hyp = rec.transcribe([cut], desc=cut.id)[cut.id]
+        hyp = model.transcribe([cut], adapter)[cut.id]
         if a.format == "text":
             lines.append(f"{cut.id} {hyp}".rstrip())
         else:
