@@ -129,17 +129,17 @@ def test_slurm_backend_gives_the_local_results(recipe, slurm_cluster, tmp_path):
 
 
 def test_a_kaldi_run_pl_runs_the_job_arrays(recipe, tmp_path):
-    """cmd set to a minimal run.pl-style script (tests/run_pl.sh) instead of pqm.launch: stages 7-9 get
-    Kaldi's options only and give the launcher's hypotheses."""
+    """cmd set to a minimal run.pl-style script (tests/run_pl.sh) instead of pqm.launch: stage 8 gets
+    Kaldi's options only and gives the launcher's hypotheses."""
     exp = recipe["exp"]
     kexp = tmp_path / "exp"
-    shutil.copytree(exp, kexp, ignore=shutil.ignore_patterns("adapters", "decode*", "log", "results.json", "RESULTS.md"))
-    for n in (7, 8, 9):
+    shutil.copytree(exp, kexp, ignore=shutil.ignore_patterns("decode*", "log", "results.json", "RESULTS.md"))
+    for n in (8, 9):
         (kexp / ".done" / f"stage{n}").unlink(missing_ok=True)
     seen = tmp_path / "seen.txt"
     env = dict(os.environ, PQM_CMD=f"bash {ROOT / 'tests' / 'run_pl.sh'}", RUN_PL_SEEN=str(seen))
-    run_sh(*recipe["opts"], "--expdir", str(kexp), "--threads", "1", "--stage", "7", "--stop-stage", "9", env=env)
-    assert seen.read_text().splitlines() == ["--max-jobs-run 2 --num-threads 1"] * 3  # adapt pqm, nf4_sa, decode
+    run_sh(*recipe["opts"], "--expdir", str(kexp), "--threads", "1", "--stage", "8", "--stop-stage", "9", env=env)
+    assert seen.read_text().splitlines() == ["--max-jobs-run 2 --num-threads 1"]
     assert (kexp / "log" / "decode.2.log").read_text().startswith("# python -m pqm.decode")
     for speaker in ("george", "nicolas"):
         for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
