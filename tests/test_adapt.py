@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TOKENS, make_fsdd_subset
+from conftest import ROOT, make_fsdd_subset
 from pqm.families.espnet import build_model, omitted_keys
 from pqm.nf4 import NF4Config, quantize_model, save_nf4
 from pqm.recipes.connected_digits import DigitTaskConfig, make_connected_digits

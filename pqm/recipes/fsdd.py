@@ -53,7 +53,7 @@ def download_fsdd(target_dir: Pathlike = "downloads", force_download: bool = Fal
         return corpus_dir
     archive = target_dir / f"fsdd-{FSDD_COMMIT}.zip"
     resumable_download(FSDD_URL, filename=archive, force_download=force_download)
-    unpack = target_dir / f".fsdd-unpack"
+    unpack = target_dir / ".fsdd-unpack"
     shutil.rmtree(unpack, ignore_errors=True)
     with zipfile.ZipFile(archive) as zf:
         members = [m for m in zf.namelist() if "/recordings/" in m and m.endswith(".wav")]
