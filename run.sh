@@ -162,11 +162,6 @@ options_changed() {  # empty when stage $1's done marker records this run's opti
     now=$(diff "${marker}" <(stage_options "$1") | sed -n 's/^> //p' | paste -sd' ') || true
     [ -z "${was}${now}" ] || echo "was ${was:-(unset)}; now ${now:-(unset)}"
 }
-for n in $(seq 1 $((stage - 1))); do  # a skipped stage must have been done with this run's options
-    changed=$(options_changed "${n}")
-    [ -z "${changed}" ] || die "stage ${n} was done with other options (${changed}): rerun from there" \
-        "(./run.sh --stage ${n} with these options), or give the options it was run with (${expdir}/run.cmd)"
-done
 manifests=${datadir}/manifests
 cuts() { echo "${manifests}/${corpus}_cuts_$1.jsonl.gz"; }  # stage 2's lhotse cuts of set $1
 speaker_list=${expdir}/test_speakers.txt
@@ -369,6 +364,12 @@ stage9() {
     python -m pqm.score --expdir "${expdir}" --cuts "$(cuts eval)" --model "${model}" --corpus "${corpus}"
 }
 
+for n in $(seq 1 $((stage - 1))); do  # a skipped stage must have been done with this run's options
+    # (checked here, once every option has its final value)
+    changed=$(options_changed "${n}")
+    [ -z "${changed}" ] || die "stage ${n} was done with other options (${changed}): rerun from there" \
+        "(./run.sh --stage ${n} with these options), or give the options it was run with (${expdir}/run.cmd)"
+done
 run_stage 1 "get the corpus" stage1
 run_stage 2 "lhotse manifests (and the speaker split)" stage2
 run_stage 3 "ESPnet data dirs, token list, feature statistics" stage3
