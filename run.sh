@@ -58,6 +58,8 @@ sa_holdout=0            # do no harm: hold out each test speaker's last N adapta
                         # only if no worse there than the starting adapter (else fall back to it); 0: off
 whisper_window=padded   # whisper LoRA training (and the adapted systems' decoding): padded (30 s) or trimmed input
 target_style=corpus     # whisper LoRA targets: corpus (as is), sentence or model (restyled: pqm/restyle.py)
+whisper_max_tokens_per_second=0  # whisper decoding: stop a hypothesis at this many tokens per second of audio + 8
+                        # (a looping one otherwise runs to 128 tokens at each fallback temperature); 0: off
 beam_size=4
 ctc_weight=0.5           # CTC weight in joint decoding (chosen on the valid set of training speakers)
 cmd_backend=local       # local or slurm (see cmd.sh)
@@ -109,6 +111,8 @@ done
 for opt in nf4_double_quant nf4_embeddings; do
     case "${!opt}" in true|false) ;; *) die "--${opt//_/-} ${!opt}: use true or false" ;; esac
 done
+[[ "${whisper_max_tokens_per_second}" =~ ^[0-9]+([.][0-9]+)?$ ]] \
+    || die "--whisper-max-tokens-per-second ${whisper_max_tokens_per_second}: a number >= 0 is needed"
 case "${whisper_window}" in padded|trimmed) ;; *) die "--whisper-window ${whisper_window}: use padded or trimmed" ;; esac
 case "${target_style}" in corpus|sentence|model) ;; *) die "--target-style ${target_style}: use corpus, sentence or model" ;; esac
 case "${cmd_backend}" in
@@ -144,7 +148,7 @@ stage_inputs=(
     [5]="nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings"
     [6]="lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc"
     [7]="sa_epochs sa_lr sa_holdout ctc_weight"
-    [8]="beam_size"
+    [8]="beam_size whisper_max_tokens_per_second"
     [9]=""
 )
 stage_options() {  # the options stages 1..$1 depend on, one "--name value" a line
@@ -356,7 +360,8 @@ stage8() {
     PQM_TASK_NAMES=${speaker_list} ${cmd} --max-jobs-run "${nj}" "${thread_opts[@]}" "JOB=1:${n}" "${expdir}/log/decode.JOB.log" \
         python -m pqm.decode "${opts_nf4[@]}" --sat-dir "${expdir}/sat" --adapter-dir "${expdir}/adapters" \
         --cuts "$(cuts eval)" --speaker-list "${speaker_list}" --job JOB \
-        --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" --out "${expdir}/decode"
+        --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" \
+        --max-tokens-per-second "${whisper_max_tokens_per_second}" --out "${expdir}/decode"
 }
 
 stage9() {

@@ -61,6 +61,7 @@ def run_key(a: argparse.Namespace, tag: str, cuts: CutSet) -> dict:
         **{system: _adapter_digest(a.adapter_dir / system / tag) for system in ("nf4_sa", "pqm")},
         "utterances": ids_digest(c.id for c in cuts),
         "beam_size": a.beam_size, "ctc_weight": a.ctc_weight, **family(a.fp_dir).DECODING,
+        **({"max_tokens_per_second": a.max_tokens_per_second} if a.max_tokens_per_second else {}),
     }
 
 
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--beam-size", type=int, default=4)
     p.add_argument("--ctc-weight", type=float, default=0.5)
+    p.add_argument("--max-tokens-per-second", type=float, default=0.0,
+                   help="Whisper: at most this many tokens per second of audio (+ 8) per hypothesis (0: 128 tokens)")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     setup_logging()
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         rec.set_window(window)
         info["window"] = window
         with use:
-            hyps = rec.transcribe(cuts, desc=f"{system}/{tag}")
+            hyps = rec.transcribe(cuts, desc=f"{system}/{tag}", tokens_per_second=a.max_tokens_per_second)
         info["seconds"] = round(time.time() - start, 2)
         info["utterances"] = len(hyps)
         write_hyps(a.out / system / tag, hyps, info)

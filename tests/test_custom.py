@@ -178,7 +178,8 @@ def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, whisper_dir, 
 
     exp = tmp_path / "whisper"
     run_sh(*data, "--expdir", str(exp), "--model", "whisper", "--pretrained", str(whisper_dir), "--sat-utts", "4",
-           "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true")
+           "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true",
+           "--whisper-max-tokens-per-second", "8")
     results = json.loads((exp / "results.json").read_text())
     assert results["corpus"] == "custom" and results["test_speakers"] == ["george"]
     assert all(r["words"] == 5 and "missing" not in r for r in results["systems"].values())

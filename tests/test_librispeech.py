@@ -58,7 +58,8 @@ def test_librispeech_recipe_with_whisper_end_to_end(fsdd_dir, whisper_dir, tmp_p
     exp = tmp_path / "exp"
     run_sh("--corpus", "librispeech", "--librispeech-dir", str(corpus), "--datadir", str(tmp_path / "data"),
            "--expdir", str(exp), "--model", "whisper", "--pretrained", str(whisper_dir), "--adapt-per-speaker", "2",
-           "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true")
+           "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true",
+           "--whisper-max-tokens-per-second", "8")
     results = json.loads((exp / "results.json").read_text())
     assert results["corpus"] == "librispeech" and results["test_speakers"] == ["1089", "4294"]
     assert results["test_sets"] == {"test-clean": ["1089"], "test-other": ["4294"]}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from lhotse import CutSet
 
-from conftest import WHISPER, make_fsdd_subset
+from conftest import FSDD, WHISPER, make_fsdd_subset
 from pqm.errors import BadInput
 from test_recipe import run_sh
 
@@ -56,7 +57,8 @@ def whisper_run(whisper_dir, fsdd_dir, tmp_path_factory):
             "--test-speakers", "george", "--train-per-speaker", "4", "--adapt-per-digit", "6",
             "--adapt-per-speaker", "4", "--max-digits", "3", "--sat-epochs", "1", "--sa-epochs", "2",
             "--sat-lr", "0.0005", "--sa-lr", "0.0005", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true",
-            "--whisper-window", "trimmed", "--target-style", "model", "--sa-holdout", "1"]
+            "--whisper-window", "trimmed", "--target-style", "model", "--sa-holdout", "1",
+            "--whisper-max-tokens-per-second", "8"]
     proc = run_sh(*opts)
     return {"exp": exp, "data": tmp / "data", "opts": opts, "stdout": proc.stdout}
 
@@ -116,6 +118,29 @@ def test_embedding_quantisation_is_most_of_the_saving(whisper_run, tmp_path):
     assert not without["embeddings_quantised"] and with_emb["embeddings_quantised"]
     assert without["ratio"] < 2 < 5 < with_emb["ratio"]
     assert "proj_out" in json.loads((tmp_path / "nf4" / "nf4.json").read_text())["config"]["keep_fp"]
+
+
+def test_token_limit_follows_the_audio(whisper_dir, monkeypatch):
+    """--whisper-max-tokens-per-second: generate is told ceil(rate x the batch's longest clip) + 8 tokens,
+    never more than DECODING's 128."""
+    import torch
+
+    from pqm.families.whisper import DECODING, WhisperRecognizer
+    from pqm.transcribe import read_inputs
+
+    rec = WhisperRecognizer(whisper_dir, beam_size=1)
+    cuts = read_inputs([FSDD / "recordings" / "3_george_7.wav"])
+    told = []
+
+    def generate(**kwargs):
+        told.append(kwargs["max_new_tokens"])
+        return torch.tensor([[50257, 50362, 50256]])
+
+    monkeypatch.setattr(rec.model, "generate", generate)
+    rec.transcribe(cuts, desc="x", tokens_per_second=8)
+    rec.transcribe(cuts, desc="x", tokens_per_second=1000)
+    rec.transcribe(cuts, desc="x")
+    assert told == [math.ceil(8 * cuts[0].duration) + 8, DECODING["max_new_tokens"], DECODING["max_new_tokens"]]
 
 
 def test_whisper_needs_a_pretrained_model(tmp_path):

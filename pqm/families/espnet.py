@@ -140,7 +140,8 @@ class EspnetRecognizer:
     def set_window(self, window: str) -> None:
         """Whole utterances, whatever the window: only Whisper pads its input to a window."""
 
-    def transcribe(self, cuts, desc: str, max_new_tokens: int | None = None) -> dict[str, str]:
+    def transcribe(self, cuts, desc: str, max_new_tokens: int | None = None,
+                   tokens_per_second: float = 0.0) -> dict[str, str]:
         """Return ``{utterance id: best hypothesis}`` (the beam search ends by itself: no token limit)."""
         hyps = {}
         with torch.no_grad():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Callable, Iterator
@@ -214,8 +215,11 @@ class WhisperRecognizer:
         """Decode with input features in ``window`` (see :func:`features`)."""
         self.window = window
 
-    def transcribe(self, cuts: CutSet, desc: str, max_new_tokens: int | None = None) -> dict[str, str]:
-        """Return ``{utterance id: hypothesis}``; ``max_new_tokens`` lowers :data:`DECODING`'s limit."""
+    def transcribe(self, cuts: CutSet, desc: str, max_new_tokens: int | None = None,
+                   tokens_per_second: float = 0.0) -> dict[str, str]:
+        """Return ``{utterance id: hypothesis}``; ``max_new_tokens`` lowers :data:`DECODING`'s limit, and so
+        does ``tokens_per_second`` > 0, to that many tokens per second of the batch's longest clip (+ 8):
+        a hypothesis that loops then stops there instead of at 128 tokens at each fallback temperature."""
         cuts = list(cuts)
         hyps = {}
         opts = {k: v for k, v in DECODING.items() if k != "seed"}
@@ -225,10 +229,14 @@ class WhisperRecognizer:
         with torch.no_grad():
             for i in tqdm(range(0, len(cuts), self.batch_size), desc=desc, unit="batch", mininterval=5):
                 batch = cuts[i : i + self.batch_size]
+                limit = dict(opts)
+                if tokens_per_second > 0:
+                    longest = max(c.duration for c in batch)
+                    limit["max_new_tokens"] = min(opts["max_new_tokens"], math.ceil(tokens_per_second * longest) + 8)
                 feats = features(self.processor, batch, self.window).to(self.device)
                 set_encoder_window(self.model, feats.shape[-1])  # generate pads to the window it is told
                 out = self.model.generate(input_features=feats, num_beams=self.beam_size,
-                                          return_timestamps=False, **opts)
+                                          return_timestamps=False, **limit)
                 for cut, text in zip(batch, self.processor.batch_decode(out, skip_special_tokens=True)):
                     hyps[cut.id] = " ".join(text.split())
         return hyps
