@@ -30,7 +30,7 @@ import json
 import logging
 import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from lhotse import CutSet, Recording
@@ -39,7 +39,7 @@ from lhotse.audio.utils import AudioLoadingError
 from pqm.decode import adapter_window
 from pqm.errors import BadInput, check_safe_id, cli, require, setup_logging
 from pqm.families import family
-from pqm.files import file_digest, read_json
+from pqm.files import ids_digest, read_json
 from pqm.kaldi_table import read_table
 from pqm.lora import check_adapter, load_adapter
 from pqm.nf4 import to_nf4
@@ -58,8 +58,7 @@ def read_inputs(paths: list[Path]) -> CutSet:
             cuts += [audio_cut(Path(audio), utt) for utt, audio in read_table(path).items()]
         else:
             cuts.append(audio_cut(path, path.stem))
-    ids = [c.id for c in cuts]
-    twice = sorted({i for i in ids if ids.count(i) > 1})
+    twice = sorted(i for i, n in Counter(c.id for c in cuts).items() if n > 1)
     if twice:
         raise BadInput(f"utterance ids {twice[:3]} are given twice: rename the files or the wav.scp keys")
     if not cuts:
@@ -123,7 +122,8 @@ class Transcriber:
             return self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
         if self.base_fingerprint is None:
             raise BadInput("adapters need the NF4 base (this transcriber decodes fp)")
-        name = "a" + file_digest(adapter / "adapter_model.safetensors")[:16]  # a changed file is a new adapter
+        weights = (adapter / "adapter_model.safetensors").stat()  # a rewritten file is a new adapter; no hashing per request
+        name = "a" + ids_digest([str(adapter.resolve()), str(weights.st_mtime_ns), str(weights.st_size)])[:16]
         if name not in self.loaded:
             check_adapter(adapter, self.base_fingerprint)
             if len(self.loaded) >= self.cache:

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 
 from pqm.errors import BadInput
-from pqm.files import write_json
+from pqm.files import read_json, write_json
 
 FAMILIES = {  # --model name -> module
     "conformer": "pqm.families.espnet",
@@ -51,17 +51,13 @@ def family_of(fp_dir: Path) -> str:
     if not path.is_file():
         raise BadInput(f"{path} is missing: {fp_dir} was not made by stage 4 of this version "
                        "(rerun stage 4: ./run.sh --stage 4 with the options you ran with)")
-    name = read_family(path)
+    try:
+        name = read_json(path).get("family")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise BadInput(f"{path} is damaged ({err!r}): rerun stage 4") from None
     if name not in FAMILIES:
         raise BadInput(f"{path}: unknown model family {name!r} (known: {', '.join(FAMILIES)})")
     return name
-
-
-def read_family(path: Path) -> str:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["family"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise BadInput(f"{path} is damaged ({err!r}): rerun stage 4") from None
 
 
 def family(name_or_fp_dir: str | Path) -> ModuleType:
