@@ -16,7 +16,8 @@ step() {
     "$@" > "${work}/${name}.log" 2>&1 || { tail -30 "${work}/${name}.log"; echo "step ${name} failed" >&2; exit 1; }
     printf '%s %.1f s\n' "${name}" "$(python3 -c "print(${EPOCHREALTIME} - ${start})")" | tee -a "${work}/timing.txt"
 }
-step load python -m pqm.families.whisper --pretrained "${pretrained}" --out "${work}/fp"
+step load python -m pqm.families train --model whisper --pretrained "${pretrained}" --expdir "${work}" \
+    --datadir "${datadir}" --corpus fsdd
 step quantise python -m pqm.quantize --fp-dir "${work}/fp" --out "${work}/nf4" --embeddings true --device "${device}"
 step sat_epoch python -m pqm.adapt --fp-dir "${work}/fp" --nf4-dir "${work}/nf4" --cuts "${m}/fsdd_cuts_train.jsonl.gz" \
     --max-utts "${sat_utts}" --epochs 1 --batch-size 8 --lr 0.0005 --out "${work}/sat" --device "${device}"

@@ -54,8 +54,10 @@ from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import family, family_of
 from pqm.files import atomic_path, file_digest, ids_digest, read_json, write_json
 from pqm.jobs import add_speaker_options, job_speaker
-from pqm.lora import META, LoraSettings, add_lora, load_adapter, save_adapter, trainable_params
+from pqm.lora import (INITS, META, LoraSettings, add_lora, init_from_quantisation_error, linear_weights, load_adapter,
+                      save_adapter, trainable_params)
 from pqm.nf4 import count_params, to_nf4
+from pqm.recipes import split_digits
 from pqm.restyle import STYLES, restyle
 from pqm.score import count_errors
 
@@ -113,6 +115,7 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size, "seed": a.seed, "lora_r": a.lora_r,
         "lora_alpha": a.lora_alpha, "lora_dropout": a.lora_dropout, "lora_targets": a.lora_targets,
         "world_size": world_size, "window": a.window, "target_style": a.target_style, "holdout": a.holdout,
+        "lora_init": None if a.init else a.lora_init,
     }
 
 
@@ -264,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     add_speaker_options(p, "train on")
     p.add_argument("--init", type=Path, default=None, help="adapter to start from (the SAT adapter); default: new LoRA")
+    p.add_argument("--lora-init", default="zero", choices=INITS,
+                   help="a new LoRA's start: zero (B = 0, peft's default) or svd (the rank-r SVD of the NF4 "
+                        "quantisation error, pqm.lora.init_from_quantisation_error)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
@@ -381,16 +387,21 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     held_ids = set(sorted(c.id for c in cuts)[len(cuts) - a.holdout:]) if a.holdout else set()
     held_out = cuts.filter(lambda c: c.id in held_ids).to_eager() if held_ids else None
     train_cuts = cuts.filter(lambda c: c.id not in held_ids).to_eager()
+    fp_weights = linear_weights(model) if a.init is None and a.lora_init == "svd" else None
     base_fingerprint = to_nf4(model, a.nf4_dir, device=a.device)
     if a.init is not None:
         model = load_adapter(model, a.init, base_fingerprint, trainable=True)
     else:
         model = add_lora(model, LoraSettings(a.lora_targets, a.lora_r, a.lora_alpha, a.lora_dropout))
+    if fp_weights is not None:
+        share = init_from_quantisation_error(model, fp_weights)
+        logging.info(f"LoRA started from the SVD of the quantisation error: {100 * share:.1f}% of its energy removed")
+        del fp_weights
     timer.done("quantise, add LoRA")
     n_lora = trainable_params(model)
     logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on "
                  f"{len(train_cuts)} utterances" + (f", {a.holdout} held out" if a.holdout else ""))
-    selection = Selection(held_out_errors(rec, held_out, models.text_normaliser(a.fp_dir)) if held_out else None)
+    selection = Selection(held_out_errors(rec, held_out, models.text_normaliser(a.fp_dir, split_digits(a.cuts.parent))) if held_out else None)
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
     losses = train_adapter(model, train_cuts, models.batch_iterator(a.fp_dir, a.window), a.epochs, a.lr, a.batch_size,
                            a.seed, a.device, checkpoint, ranks, selection)
@@ -399,7 +410,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         return
     meta = {
         "base_fingerprint": base_fingerprint, "base_model": str(a.nf4_dir), "speaker": speaker,
-        "init": str(a.init) if a.init else None, "utterances": len(train_cuts), "epochs": a.epochs, "lr": a.lr,
+        "init": str(a.init) if a.init else a.lora_init, "utterances": len(train_cuts), "epochs": a.epochs, "lr": a.lr,
         "loss_per_epoch": losses, "lora_params": n_lora, "base_params": base_params, "window": a.window,
         "target_style": a.target_style, "world_size": ranks.world_size, "run_key": key,
     }

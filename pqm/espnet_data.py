@@ -68,6 +68,39 @@ def write_spk2utt(data_dir: Path) -> None:
     (data_dir / "spk2utt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def write_espnet_data(datadir: Path, corpus: str, token_type: str, nbpe: int) -> None:
+    """The Kaldi data dir of every set and the token list, from stage 2's manifests."""
+    manifests = datadir / "manifests"
+    sets = {name: load_set(manifests, corpus, name) for name in SETS}
+    train_texts = [s.text or "" for s in sets["train"][1]]
+    token_dir = datadir / "token_list" / token_dir_name(token_type, nbpe)
+    with atomic_path(token_dir) as tmp:
+        tmp.mkdir(parents=True)
+        if token_type == "bpe":
+            tokens = train_bpe(train_texts, nbpe, tmp)
+            tokenizer = TokenEncoder(tokens, "bpe", tmp / "bpe.model")
+        else:
+            check_word_transcripts((f"utterance {sup.id} in {manifest_path(manifests, corpus, 'supervisions', name)}",
+                                    sup.text or "") for name, (_, sups) in sets.items() for sup in sups)
+            tokens = build_token_list(train_texts)
+            write_text(tmp / "tokens.txt", "\n".join(tokens) + "\n")
+            tokenizer = TokenEncoder(tokens)
+        for name, (recs, sups) in sets.items():
+            where = manifest_path(manifests, corpus, "supervisions", name)
+            for sup in sups:
+                tokenizer.encode(sup.text or "", where=f"utterance {sup.id} in {where}")
+    for name, (recs, sups) in sets.items():
+        final = datadir / name
+        with atomic_path(final) as tmp:
+            if not whole_16k_files(recs, sups):
+                cuts = CutSet.from_file(manifest_path(manifests, corpus, "cuts", name))
+                recs, sups = dump_utterances(cuts, tmp / "audio", final.resolve() / "audio")
+            export_to_kaldi(recs, sups, tmp)
+            write_spk2utt(tmp)
+        logging.info(f"wrote Kaldi data dir {final} ({len(sups)} utterances)")
+    logging.info(f"token list: {token_dir / 'tokens.txt'} ({len(tokens)} tokens)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datadir", type=Path, required=True)
@@ -76,35 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nbpe", type=int, default=500, help="--token-type bpe: sentencepiece vocabulary size")
     a = p.parse_args(argv)
     setup_logging()
-    manifests = a.datadir / "manifests"
-    sets = {name: load_set(manifests, a.corpus, name) for name in SETS}
-    train_texts = [s.text or "" for s in sets["train"][1]]
-    token_dir = a.datadir / "token_list" / token_dir_name(a.token_type, a.nbpe)
-    with atomic_path(token_dir) as tmp:
-        tmp.mkdir(parents=True)
-        if a.token_type == "bpe":
-            tokens = train_bpe(train_texts, a.nbpe, tmp)
-            tokenizer = TokenEncoder(tokens, "bpe", tmp / "bpe.model")
-        else:
-            check_word_transcripts((f"utterance {sup.id} in {manifest_path(manifests, a.corpus, 'supervisions', name)}",
-                                    sup.text or "") for name, (_, sups) in sets.items() for sup in sups)
-            tokens = build_token_list(train_texts)
-            write_text(tmp / "tokens.txt", "\n".join(tokens) + "\n")
-            tokenizer = TokenEncoder(tokens)
-        for name, (recs, sups) in sets.items():
-            where = manifest_path(manifests, a.corpus, "supervisions", name)
-            for sup in sups:
-                tokenizer.encode(sup.text or "", where=f"utterance {sup.id} in {where}")
-    for name, (recs, sups) in sets.items():
-        final = a.datadir / name
-        with atomic_path(final) as tmp:
-            if not whole_16k_files(recs, sups):
-                cuts = CutSet.from_file(manifest_path(manifests, a.corpus, "cuts", name))
-                recs, sups = dump_utterances(cuts, tmp / "audio", final.resolve() / "audio")
-            export_to_kaldi(recs, sups, tmp)
-            write_spk2utt(tmp)
-        logging.info(f"wrote Kaldi data dir {final} ({len(sups)} utterances)")
-    logging.info(f"token list: {token_dir / 'tokens.txt'} ({len(tokens)} tokens)")
+    write_espnet_data(a.datadir, a.corpus, a.token_type, a.nbpe)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pqm.errors import BadInput, check_safe_id, require
+from pqm.errors import BadInput, check_safe_id, cli, require
+from pqm.files import read_json, write_text
 
 _RANGE = re.compile(r"^JOB=(\d+):(\d+)$")
 _ENDED = re.compile(r"^# Ended \(code (-?\d+)\)", re.MULTILINE)
@@ -94,3 +95,23 @@ def job_speaker(a: argparse.Namespace) -> str | None:
     if not 1 <= a.job <= len(speakers):
         raise BadInput(f"--job {a.job}: {a.speaker_list} names {len(speakers)} speakers")
     return check_safe_id(speakers[a.job - 1])
+
+
+def write_test_speakers(manifest_dir: Path, out: Path) -> int:
+    """Stages 7-8: stage 2's test speakers, one a line in ``out`` (task N of a job array is line N); their number."""
+    speakers = read_json(require(manifest_dir / "speakers.json", "stage 2 (manifests)"))["test"]
+    write_text(out, "".join(f"{check_safe_id(s)}\n" for s in speakers))
+    return len(speakers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pqm.jobs --manifests DIR --out FILE``: write the test-speaker list and print its length."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--manifests", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    print(write_test_speakers(a.manifests, a.out))
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitsandbytes as bnb
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from pqm.errors import BadInput, require
@@ -46,6 +49,46 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+INITS = ("zero", "svd")
+
+
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every ``nn.Linear`` weight of a full-precision model, by module name (before quantisation)."""
+    return {name: m.weight.detach().clone() for name, m in model.named_modules() if type(m) is nn.Linear}
+
+
+@torch.no_grad()
+def init_from_quantisation_error(model: PeftModel, fp_weights: dict[str, torch.Tensor], name: str = "default") -> float:
+    """Start adapter ``name`` where full precision was: on every LoRA layer over an NF4 Linear, set
+    ``B @ A * scaling`` to the best rank-r approximation (SVD) of ``W_fp - dequantise(W_nf4)``.
+
+    This is LoftQ's one-shot form on an already quantised base (peft's ``replace_lora_weights_loftq``, which
+    cannot be used here: it computes on CUDA only and ignores the LoRA scaling ``alpha / r``). The NF4 base
+    stays the one of stage 5. Returns the share of the quantisation error's energy (squared Frobenius norm,
+    summed over the layers) that the adapter removes.
+    """
+    removed = total = 0.0
+    for module_name, module in model.named_modules():
+        base = module.get_base_layer() if isinstance(module, LoraLayer) else None
+        if not isinstance(base, bnb.nn.Linear4bit) or name not in module.lora_A:
+            continue
+        key = module_name.removeprefix("base_model.model.")
+        if key not in fp_weights:
+            raise KeyError(f"no full-precision weight for {key}")
+        quantised = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        error = fp_weights[key].float().to(quantised.device) - quantised
+        u, s, vh = torch.linalg.svd(error, full_matrices=False)
+        r = module.r[name]
+        root = (s[:r] / module.scaling[name]).sqrt()
+        module.lora_B[name].weight.copy_(u[:, :r] * root)
+        module.lora_A[name].weight.copy_(root[:, None] * vh[:r])
+        removed += float((s[:r] ** 2).sum())
+        total += float((s ** 2).sum())
+    if total == 0.0:
+        raise ValueError("no LoRA layer over an NF4 Linear: nothing to initialise from the quantisation error")
+    return removed / total
 
 
 def check_adapter(adapter_dir: Path, base_fingerprint: str) -> dict:

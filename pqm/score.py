@@ -8,7 +8,6 @@ folder, and prints the table.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import FAMILIES, family
 from pqm.files import atomic_path, read_json, write_json, write_text
 from pqm.kaldi_table import read_table
+from pqm.recipes import split_digits
 
 
 def count_errors(refs: list[str], hyps: list[str]) -> dict:
@@ -186,23 +186,20 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def stage_seconds(expdir: Path) -> dict[str, float]:
-    """Wall time per stage as recorded by run.sh in ``<expdir>/timing/stage<N>.seconds``.
-
-    Stage 9 (this one) is still running: its time so far comes from the start
-    time run.sh exports as ``PQM_STAGE_START``.
-    """
+def stage_seconds(expdir: Path, started: float) -> dict[str, float]:
+    """Wall time per stage as recorded by run.sh in ``<expdir>/timing/stage<N>.seconds``; stage 9 (this
+    one, still running) from ``started``, the time scoring began (the interpreter's start-up not counted)."""
     out = {}
     for n in range(1, 9):
         f = expdir / "timing" / f"stage{n}.seconds"
         if f.exists():
             out[str(n)] = float(f.read_text().strip())
-    if "PQM_STAGE_START" in os.environ:
-        out["9"] = round(time.time() - float(os.environ["PQM_STAGE_START"]), 1)
+    out["9"] = round(time.time() - started, 1)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.time()
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--expdir", type=Path, required=True)
     p.add_argument("--cuts", type=Path, required=True, help="evaluation cuts (references)")
@@ -218,18 +215,20 @@ def main(argv: list[str] | None = None) -> None:
         read_json(f)["lora_params"] for f in sorted((a.expdir / "adapters" / "pqm").glob("*/pqm_adapter.json"))
     ] or [read_json(a.expdir / "sat" / "pqm_adapter.json", "stage 6 (SAT)")["lora_params"]]
     test_sets = read_json(a.cuts.parent / "speakers.json", "stage 2 (manifests)").get("test_sets")
-    systems = score(a.expdir / "decode", refs, speakers, family(a.model).text_normaliser(a.expdir / "fp"))
+    digits = split_digits(a.cuts.parent)
+    systems = score(a.expdir / "decode", refs, speakers, family(a.model).text_normaliser(a.expdir / "fp", digits))
     if test_sets:
         add_per_set(systems, test_sets)
     results = {
         "corpus": a.corpus,
         "model": a.model,
+        "scoring": {"split_digits": digits},
         "test_speakers": sorted(set(speakers.values())),
         "systems": systems,
         **({"test_sets": test_sets} if test_sets else {}),
         "size_bytes": size["size_bytes"],
         "params": {"base": size["params"], "lora_per_speaker": max(lora)},
-        "stage_seconds": stage_seconds(a.expdir),
+        "stage_seconds": stage_seconds(a.expdir, started),
     }
     write_json(a.expdir / "results.json", results)
     table = markdown(results)

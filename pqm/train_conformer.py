@@ -1,8 +1,9 @@
-"""Stage 4: train the Conformer AED with ESPnet's own ASR task and trainer.
+"""Stages 3-4 of the Conformer: ESPnet's data, feature statistics and training, with ESPnet's own ASR task and trainer.
 
-``python -m pqm.train_conformer <espnet2.bin.asr_train options>`` is
-``espnet2.bin.asr_train`` with two changes that make a killed run resume
-safely (``--resume true``):
+:func:`espnet_options` writes ESPnet's data options (as ESPnet's asr.sh
+does); :func:`collect_stats` (stage 3) and :func:`train` (stage 4) run
+``espnet2.bin.asr_train`` through :class:`PqmASRTask`, which is ESPnet's task
+with two changes that make a killed run resume safely (``--resume true``):
 
 - every file ESPnet's trainer writes with ``torch.save`` (``checkpoint.pth``
   after each epoch, the epoch and averaged models) is written to a temporary
@@ -18,10 +19,13 @@ true`` spawns one process per GPU, each of which goes through
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -29,7 +33,9 @@ import torch
 from espnet2.tasks.asr import ASRTask
 from espnet2.train.trainer import Trainer
 
+from pqm.errors import require
 from pqm.files import atomic_path
+from pqm.tokens import token_dir_name
 
 _CHECKPOINT_TYPES = [np._core.multiarray.scalar, np.dtype, datetime.timedelta,
                      *{type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")}]
@@ -82,7 +88,45 @@ class PqmASRTask(ASRTask):
             super().main_worker(args)
 
 
+def espnet_options(a: argparse.Namespace) -> list[str]:
+    """ESPnet's data and device options for the Kaldi data dirs and token list of stage 3."""
+    token_dir = a.datadir / "token_list" / token_dir_name(a.token_type, a.nbpe)
+    opts = ["--use_preprocessor", "true", "--token_type", a.token_type, "--token_list", f"{token_dir}/tokens.txt",
+            "--config", str(a.train_config), "--frontend_conf", "fs=16k"]
+    for role, name in (("train", "train"), ("valid", "valid")):
+        opts += [f"--{role}_data_path_and_name_and_type", f"{a.datadir}/{name}/wav.scp,speech,sound",
+                 f"--{role}_data_path_and_name_and_type", f"{a.datadir}/{name}/text,text,text"]
+    if a.token_type == "bpe":
+        opts += ["--bpemodel", f"{token_dir}/bpe.model"]
+    ngpu = a.ngpu if a.device == "cuda" else 0
+    opts += ["--ngpu", str(ngpu)] + (["--multiprocessing_distributed", "true"] if ngpu > 1 else [])
+    return opts
+
+
+def collect_stats(a: argparse.Namespace) -> None:
+    """Stage 3 (end): ESPnet's feature statistics of the training data, in ``<expdir>/asr_stats``."""
+    out = a.expdir / "asr_stats"
+    shutil.rmtree(out, ignore_errors=True)
+    PqmASRTask.main(cmd=espnet_options(a) + [
+        "--collect_stats", "true", "--train_shape_file", f"{a.datadir}/train/wav.scp",
+        "--valid_shape_file", f"{a.datadir}/valid/wav.scp", "--ngpu", "0", "--multiprocessing_distributed", "false",
+        "--output_dir", str(out)])
+
+
+def train(a: argparse.Namespace) -> tuple[Path, Path]:
+    """Stage 4: train in ``<expdir>/asr`` (resuming from its ``checkpoint.pth``); return (config, averaged model)."""
+    stats = require(a.expdir / "asr_stats" / "train" / "feats_stats.npz", "stage 3 (feature statistics)")
+    shapes = a.expdir / "asr_stats"
+    out = a.expdir / "asr"
+    PqmASRTask.main(cmd=espnet_options(a) + [
+        "--train_shape_file", f"{shapes}/train/speech_shape", "--valid_shape_file", f"{shapes}/valid/speech_shape",
+        "--normalize", "global_mvn", "--normalize_conf", f"stats_file={stats}", "--max_epoch", str(a.max_epoch),
+        "--seed", str(a.seed), "--resume", "true", "--output_dir", str(out)])
+    return out / "config.yaml", out / "valid.acc.ave.pth"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """``python -m pqm.train_conformer <espnet2.bin.asr_train options>``: ESPnet's trainer with safe resuming."""
     PqmASRTask.main(cmd=argv if argv is not None else sys.argv[1:])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -157,15 +158,21 @@ def test_test_speaker_in_training_is_refused(dirs, tmp_path):
         prepare_custom(dirs["eval"], dirs["adapt"], dirs["eval"], tmp_path / "m")
 
 
+def sets_opts(train: Path, adapt: Path, evaluation: Path) -> str:
+    """``--corpus-opts`` naming the three data sets (quoted: the paths may hold spaces)."""
+    return " ".join(f"--{name}-data {shlex.quote(str(path))}"
+                    for name, path in (("train", train), ("adapt", adapt), ("eval", evaluation)))
+
+
 @pytest.mark.e2e
 def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, whisper_dir, tmp_path):
-    data = ["--corpus", "custom", "--train-data", str(dirs["train"]), "--adapt-data", str(dirs["adapt"]),
-            "--eval-data", str(dirs["eval"]), "--datadir", str(tmp_path / "data")]
+    data = ["--corpus", "custom", "--corpus-opts", sets_opts(dirs["train"], dirs["adapt"], dirs["eval"]),
+            "--datadir", str(tmp_path / "data")]
     train = write_kaldi_dir(tmp_path / "train2", "jackson", range(10), 1)  # each word twice: one can be held out
     for name in ("wav.scp", "text", "utt2spk"):
         (train / name).write_text((dirs["train"] / name).read_text() + (train / name).read_text())
-    conformer = ["--corpus", "custom", "--train-data", str(train), "--adapt-data", str(dirs["adapt"]),
-                 "--eval-data", str(dirs["eval"]), "--datadir", str(tmp_path / "cdata"),
+    conformer = ["--corpus", "custom", "--corpus-opts", sets_opts(train, dirs["adapt"], dirs["eval"]),
+                 "--datadir", str(tmp_path / "cdata"),
                  "--expdir", str(tmp_path / "conformer"), "--stop-stage", "3"]
     proc = run_sh(*conformer, check=False)  # BPE by default: 500 pieces from 10 words is too many
     assert proc.returncode != 0 and "choose a smaller --nbpe" in proc.stdout + proc.stderr
@@ -192,14 +199,13 @@ def test_edited_data_set_redoes_stage_2(dirs, tmp_path):
     """The done marker of stage 2 records a digest of the data sets' tables: an edited transcript redoes it."""
     from lhotse import CutSet
 
-    opts = ["--corpus", "custom", "--train-data", str(dirs["train"]), "--adapt-data", str(dirs["adapt"]),
-            "--eval-data", str(dirs["eval"]), "--datadir", str(tmp_path / "data"), "--expdir", str(tmp_path / "exp"),
-            "--stop-stage", "2"]
+    opts = ["--corpus", "custom", "--corpus-opts", sets_opts(dirs["train"], dirs["adapt"], dirs["eval"]),
+            "--datadir", str(tmp_path / "data"), "--expdir", str(tmp_path / "exp"), "--stop-stage", "2"]
     run_sh(*opts)
     assert "already done" in run_sh(*opts).stdout
     text = dirs["eval"] / "text"
     text.write_text(text.read_text().replace("george-0-45 zero", "george-0-45 oh"))
     proc = run_sh(*opts)
-    assert "Stage 1: options changed since it was done (was custom data tables" in proc.stdout
+    assert "Stage 1: options changed since it was done (was --corpus-inputs " in proc.stdout
     evaluation = CutSet.from_file(tmp_path / "data" / "manifests" / "custom_cuts_eval.jsonl.gz")
     assert {c.supervisions[0].text for c in evaluation} == {"oh", "one", "two", "three", "four"}

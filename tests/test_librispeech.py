@@ -11,7 +11,7 @@ from lhotse import CutSet, Recording
 
 from conftest import FSDD
 from pqm.errors import BadInput
-from pqm.recipes.librispeech import prepare
+from pqm.recipes.librispeech import prepare_librispeech_split
 from test_recipe import run_sh
 
 WORDS = "zero one two three four five six seven eight nine".split()
@@ -36,7 +36,7 @@ def write_librispeech(root: Path, per_reader: int = 6, readers: dict = READERS) 
 
 def test_split_rule_and_readers(fsdd_dir, tmp_path):
     corpus = write_librispeech(tmp_path)
-    test_sets = prepare(corpus, tmp_path / "m", "train-clean-100", ["test-clean", "test-other"], 0, 2)
+    test_sets = prepare_librispeech_split(corpus, tmp_path / "m", "train-clean-100", ["test-clean", "test-other"], 0, 2)
     assert test_sets == {"test-clean": ["1089"], "test-other": ["4294"]}
     adapt = sorted(c.supervisions[0].id for c in CutSet.from_file(tmp_path / "m" / "librispeech_cuts_adapt.jsonl.gz"))
     evaluation = sorted(c.supervisions[0].id for c in CutSet.from_file(tmp_path / "m" / "librispeech_cuts_eval.jsonl.gz"))
@@ -49,15 +49,15 @@ def test_reader_in_training_and_test_is_refused(fsdd_dir, tmp_path):
     readers = {**READERS, "test-other": ("nicolas", "19", "9934")}
     corpus = write_librispeech(tmp_path, readers=readers)
     with pytest.raises(BadInput, match="reader 19 of test-other is also in train-clean-100"):
-        prepare(corpus, tmp_path / "m", "train-clean-100", ["test-clean", "test-other"], 0, 2)
+        prepare_librispeech_split(corpus, tmp_path / "m", "train-clean-100", ["test-clean", "test-other"], 0, 2)
 
 
 @pytest.mark.e2e
 def test_librispeech_recipe_with_whisper_end_to_end(fsdd_dir, whisper_dir, tmp_path):
     corpus = write_librispeech(tmp_path, per_reader=5)
     exp = tmp_path / "exp"
-    run_sh("--corpus", "librispeech", "--librispeech-dir", str(corpus), "--datadir", str(tmp_path / "data"),
-           "--expdir", str(exp), "--model", "whisper", "--pretrained", str(whisper_dir), "--adapt-per-speaker", "2",
+    run_sh("--corpus", "librispeech", "--corpus-opts", f"--corpus-dir {corpus} --adapt-per-speaker 2",
+           "--datadir", str(tmp_path / "data"), "--expdir", str(exp), "--model", "whisper", "--pretrained", str(whisper_dir),
            "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true",
            "--whisper-max-tokens-per-second", "8")
     results = json.loads((exp / "results.json").read_text())

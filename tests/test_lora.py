@@ -78,3 +78,40 @@ def test_adapter_for_another_base_is_refused(tiny_fp_dir, nf4_dir, tmp_path):
     model, fp = _nf4_model(other_fp_dir, tmp_path / "other_nf4")
     with pytest.raises(AdapterMismatch, match="trained on base model"):
         load_adapter(model, tmp_path / "a", fp)
+
+
+def test_svd_init_starts_where_full_precision_was(tiny_fp_dir, nf4_dir):
+    """--lora-init svd: each adapted layer's B @ A * scaling is the rank-r SVD of W_fp - W_nf4, so the
+    effective weight is closer to full precision by exactly the removed singular values."""
+    import bitsandbytes as bnb
+
+    from pqm.lora import init_from_quantisation_error, linear_weights
+
+    model = build_model(tiny_fp_dir).eval()
+    fp_weights = linear_weights(model)
+    to_nf4(model, nf4_dir)
+    peft_model = add_lora(model, LoraSettings(DEFAULT_TARGETS, r=4, alpha=16, dropout=0.0))
+    share = init_from_quantisation_error(peft_model, fp_weights)
+    assert 0.0 < share < 1.0
+    layers = [(n, m) for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert layers
+    for name, layer in layers:
+        base = layer.get_base_layer()
+        quantised = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+        error = fp_weights[name.removeprefix("base_model.model.")] - quantised
+        delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+        s = torch.linalg.svdvals(error)
+        assert torch.linalg.matrix_rank(delta, atol=1e-6) <= 4
+        remaining = torch.linalg.norm(error - delta)
+        assert torch.allclose(remaining, s[4:].square().sum().sqrt(), rtol=1e-3)
+        assert remaining < torch.linalg.norm(error)
+    # and the layer's output moves towards the full-precision layer's
+    name, layer = layers[0]
+    x = torch.randn(3, layer.get_base_layer().in_features)
+    w = fp_weights[name.removeprefix("base_model.model.")]
+    fp_out = x @ w.T + (layer.get_base_layer().bias if layer.get_base_layer().bias is not None else 0)
+    with torch.no_grad():
+        with_lora = layer(x)
+        with peft_model.disable_adapter():
+            without = layer(x)
+    assert torch.linalg.norm(with_lora - fp_out) < torch.linalg.norm(without - fp_out)

@@ -27,9 +27,9 @@ from pqm.kaldi_table import read_table
 
 pytestmark = pytest.mark.e2e
 
+TINY_DIGITS = ("--train-speakers jackson theo --test-speakers george nicolas --train-per-speaker 100 "
+               "--adapt-per-digit 45 --adapt-per-speaker 20 --max-digits 2")
 TINY = [
-    "--train-speakers", "jackson theo", "--test-speakers", "george nicolas",
-    "--train-per-speaker", "100", "--adapt-per-digit", "45", "--adapt-per-speaker", "20", "--max-digits", "2",
     "--train-config", "conf/tuning/train_conformer_tiny.yaml", "--max-epoch", "15",
     "--sat-epochs", "1", "--sat-utts", "48", "--sa-epochs", "3", "--sa-lr", "0.003", "--beam-size", "2",
 ]
@@ -51,7 +51,7 @@ def recipe(fsdd_dir, tmp_path_factory):
         if int(f.stem.split("_")[2]) < 45:
             f.unlink()
     exp, data = tmp / "exp", tmp / "data"
-    opts = [*TINY, "--fsdd-dir", str(corpus), "--expdir", str(exp), "--datadir", str(data), "--nj", "2"]
+    opts = [*TINY, "--corpus-opts", f"{TINY_DIGITS} --corpus-dir '{corpus}'", "--expdir", str(exp), "--datadir", str(data), "--nj", "2"]
     proc = run_sh(*opts)
     return {"exp": exp, "data": data, "opts": opts, "stdout": proc.stdout}
 

@@ -231,16 +231,16 @@ def test_run_sh_stages_1_to_3(so762_dir, tmp_path):
 
     corpus = make_subset(so762_dir, tmp_path / "so762")
     data, exp = tmp_path / "data", tmp_path / "exp"
-    proc = run_sh("--corpus", "speechocean762", "--speechocean-dir", str(corpus), "--datadir", str(data),
-                  "--expdir", str(exp), "--model", "whisper", "--pretrained", str(WHISPER),
-                  "--adapt-per-speaker", "12", "--stop-stage", "3")
+    proc = run_sh("--corpus", "speechocean762", "--corpus-opts", f"--corpus-dir {corpus} --adapt-per-speaker 12",
+                  "--datadir", str(data), "--expdir", str(exp), "--model", "whisper", "--pretrained", str(WHISPER),
+                  "--stop-stage", "3")
     assert f"corpus: {corpus}" in proc.stdout and "nothing to prepare" in proc.stdout
     speakers = json.loads((data / "manifests" / "speakers.json").read_text())
     assert len(speakers["train"]) == 2 and len(speakers["test"]) == 2
     assert "first 12 utterances by id" in speakers["rule"]
     evaluation = CutSet.from_file(data / "manifests" / "speechocean762_cuts_eval.jsonl.gz")
     assert len(evaluation) == 2 * 8
-    bad = run_sh("--corpus", "speechocean762", "--speechocean-dir", str(tmp_path / "nowhere"), "--datadir",
+    bad = run_sh("--corpus", "speechocean762", "--corpus-opts", f"--corpus-dir {tmp_path / 'nowhere'}", "--datadir",
                  str(tmp_path / "d2"), "--expdir", str(tmp_path / "e2"), "--model", "whisper", "--pretrained",
                  str(WHISPER), "--stop-stage", "2", check=False)
     assert bad.returncode != 0 and "nowhere does not exist" in bad.stdout + bad.stderr
@@ -253,18 +253,19 @@ def test_changed_options_redo_a_done_stage(so762_dir, tmp_path):
     from test_recipe import run_sh
 
     corpus = make_subset(so762_dir, tmp_path / "so762", train=1, test=1)
-    opts = ["--corpus", "speechocean762", "--speechocean-dir", str(corpus), "--datadir", str(tmp_path / "data"),
+    opts = ["--corpus", "speechocean762", "--datadir", str(tmp_path / "data"),
             "--expdir", str(tmp_path / "exp"), "--model", "whisper", "--pretrained", str(WHISPER)]
     evaluation = tmp_path / "data" / "manifests" / "speechocean762_cuts_eval.jsonl.gz"
-    run_sh(*opts, "--adapt-per-speaker", "12", "--stop-stage", "3")
-    again = run_sh(*opts, "--adapt-per-speaker", "12", "--stop-stage", "3")
+    twelve, five = f"--corpus-dir {corpus} --adapt-per-speaker 12", f"--corpus-dir {corpus} --adapt-per-speaker 5"
+    run_sh(*opts, "--corpus-opts", twelve, "--stop-stage", "3")
+    again = run_sh(*opts, "--corpus-opts", twelve, "--stop-stage", "3")
     assert "Stage 2: lhotse manifests (and the speaker split): already done" in again.stdout
-    changed = run_sh(*opts, "--adapt-per-speaker", "5", "--stop-stage", "2")
-    assert ("Stage 2: options changed since it was done (was --adapt-per-speaker 12; now --adapt-per-speaker 5)"
+    changed = run_sh(*opts, "--corpus-opts", five, "--stop-stage", "2")
+    assert (f"Stage 1: options changed since it was done (was --corpus-opts {twelve}; now --corpus-opts {five})"
             in changed.stdout)
     assert len(CutSet.from_file(evaluation)) == 15
     assert not (tmp_path / "exp" / ".done" / "stage3").exists()
-    stale = run_sh(*opts, "--adapt-per-speaker", "12", "--stage", "3", "--stop-stage", "3", check=False)
+    stale = run_sh(*opts, "--corpus-opts", twelve, "--stage", "3", "--stop-stage", "3", check=False)
     assert stale.returncode != 0
-    assert "stage 2 was done with other options (was --adapt-per-speaker 5; now --adapt-per-speaker 12)" in stale.stderr
+    assert f"stage 1 was done with other options (was --corpus-opts {five}; now --corpus-opts {twelve})" in stale.stderr
     assert len(CutSet.from_file(evaluation)) == 15  # nothing was redone

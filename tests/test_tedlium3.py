@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import FSDD, ROOT, TINY_CONFIG
 from pqm.errors import BadInput
-from pqm.recipes.tedlium3 import prepare
+from pqm.recipes.tedlium3 import prepare_tedlium3_split
 from test_recipe import run_sh
 
 WORDS = "zero one two three four five six seven eight nine".split()
@@ -75,7 +75,7 @@ def sndfile_backend(monkeypatch):
 
 def test_talks_are_speakers_and_split_in_time_order(fsdd_dir, sndfile_backend, tmp_path):
     corpus = write_tedlium(tmp_path)
-    assert prepare(corpus, tmp_path / "m", 0, 3) == ["GeorgeTalk_2013", "NicolasTalk_2014"]
+    assert prepare_tedlium3_split(corpus, tmp_path / "m", 0, 3) == ["GeorgeTalk_2013", "NicolasTalk_2014"]
     m = tmp_path / "m"
     speakers = json.loads((m / "speakers.json").read_text())
     assert speakers["train"] == ["JacksonTalk_2010", "TheoTalk_2011"]
@@ -95,13 +95,13 @@ def test_talks_are_speakers_and_split_in_time_order(fsdd_dir, sndfile_backend, t
 def test_test_talk_in_training_is_refused(fsdd_dir, sndfile_backend, tmp_path):
     talks = {**TALKS, "test": {"JacksonTalk_2010": ("jackson", 30, 4)}}
     with pytest.raises(BadInput, match="talk JacksonTalk_2010 of the test part is also in the train part"):
-        prepare(write_tedlium(tmp_path, talks), tmp_path / "m", 0, 2)
+        prepare_tedlium3_split(write_tedlium(tmp_path, talks), tmp_path / "m", 0, 2)
 
 
 def test_missing_part_is_named(tmp_path):
     (tmp_path / "legacy" / "train" / "stm").mkdir(parents=True)
     with pytest.raises(BadInput, match=r"\['dev', 'test'\].*legacy/<part>/sph"):
-        prepare(tmp_path, tmp_path / "m", 0, 2)
+        prepare_tedlium3_split(tmp_path, tmp_path / "m", 0, 2)
 
 
 def test_tedlium3_config_builds_the_papers_conformer():
@@ -120,8 +120,9 @@ def test_tedlium3_config_builds_the_papers_conformer():
 def test_tedlium3_recipe_with_a_bpe_conformer_end_to_end(fsdd_dir, tmp_path):
     corpus = write_tedlium(tmp_path)
     exp, data = tmp_path / "exp", tmp_path / "data"
-    proc = run_sh("--corpus", "tedlium3", "--tedlium-dir", str(corpus), "--datadir", str(data), "--expdir", str(exp),
-                  "--train-config", str(TINY_CONFIG), "--nbpe", "20", "--max-epoch", "3", "--adapt-per-speaker", "3",
+    proc = run_sh("--corpus", "tedlium3", "--corpus-opts", f"--corpus-dir {corpus} --adapt-per-speaker 3",
+                  "--datadir", str(data), "--expdir", str(exp), "--train-config", str(TINY_CONFIG), "--nbpe", "20",
+                  "--max-epoch", "3",
                   "--sat-epochs", "1", "--sa-epochs", "2", "--beam-size", "2", "--nj", "2")
     assert "reading .sph with LibsndfileBackend" in proc.stdout  # no sph2pipe here
     # stage 3: segments written as 16 kHz files ESPnet reads whole, a sentencepiece model and its token list
@@ -143,7 +144,8 @@ def test_tedlium3_recipe_with_a_bpe_conformer_end_to_end(fsdd_dir, tmp_path):
 
     # the trained ESPnet folder as --pretrained: no stage 3, the same weights and tokens in the new model folder
     exp2 = tmp_path / "exp_pretrained"
-    proc = run_sh("--corpus", "tedlium3", "--tedlium-dir", str(corpus), "--datadir", str(data), "--expdir", str(exp2),
+    proc = run_sh("--corpus", "tedlium3", "--corpus-opts", f"--corpus-dir {corpus} --adapt-per-speaker 3",
+                  "--datadir", str(data), "--expdir", str(exp2),
                   "--pretrained", str(exp / "asr"), "--stop-stage", "5")
     assert "brings its own tokens and feature statistics" in proc.stdout
     assert load_file(exp2 / "fp" / "model.safetensors").keys() == load_file(exp / "fp" / "model.safetensors").keys()

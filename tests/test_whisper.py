@@ -52,10 +52,10 @@ def whisper_run(whisper_dir, fsdd_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("whisper")
     corpus = make_fsdd_subset(tmp / "fsdd", ["jackson", "george"], per_digit=7)
     exp = tmp / "exp"
-    opts = ["--model", "whisper", "--pretrained", str(whisper_dir), "--fsdd-dir", str(corpus),
-            "--expdir", str(exp), "--datadir", str(tmp / "data"), "--train-speakers", "jackson",
-            "--test-speakers", "george", "--train-per-speaker", "4", "--adapt-per-digit", "6",
-            "--adapt-per-speaker", "4", "--max-digits", "3", "--sat-epochs", "1", "--sa-epochs", "2",
+    digits = (f"--corpus-dir {corpus} --train-speakers jackson --test-speakers george --train-per-speaker 4 "
+              "--adapt-per-digit 6 --adapt-per-speaker 4 --max-digits 3")
+    opts = ["--model", "whisper", "--pretrained", str(whisper_dir), "--corpus-opts", digits,
+            "--expdir", str(exp), "--datadir", str(tmp / "data"), "--sat-epochs", "1", "--sa-epochs", "2",
             "--sat-lr", "0.0005", "--sa-lr", "0.0005", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true",
             "--whisper-window", "trimmed", "--target-style", "model", "--sa-holdout", "1",
             "--whisper-max-tokens-per-second", "8"]

@@ -3,4 +3,4 @@
 # corpus's settings. Options pass through: ./run.sh --stage 5 --stop-stage 9
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-exec ./run.sh --corpus fsdd --fsdd-dir ../shared/corpora/fsdd "$@"
+exec ./run.sh --corpus fsdd "$@"

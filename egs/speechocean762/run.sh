@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 exec ./run.sh --corpus speechocean762 --datadir data/speechocean762 --model whisper \
-    --pretrained ../shared/models/whisper-tiny.en --adapt-per-speaker 10 \
+    --pretrained ../shared/models/whisper-tiny.en \
     --whisper-window trimmed --target-style model --sa-holdout 3 \
     --sat-epochs 2 --sa-epochs 10 --sa-lr 0.0003 --beam-size 1 "$@"

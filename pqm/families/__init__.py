@@ -14,7 +14,7 @@ need to know about one kind of model, as module-level names:
 - ``batch_iterator(fp_dir, window)``: LoRA training batches;
 - ``recognizer(fp_dir, device, beam_size, ctc_weight)``: decoding;
 - ``DECODING``: decoding settings fixed by the family (part of stage 8's run key);
-- ``text_normaliser(fp_dir)``: scoring normalisation;
+- ``text_normaliser(fp_dir, split_digits)``: scoring normalisation (``split_digits``: the corpus's rule);
 - ``log_filter()``: a logging filter for the decoding log, or None.
 
 To add a family: write its module, add one line to :data:`FAMILIES`, and give

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from lhotse import CutSet
 
 from pqm.batches import at_16k, iterate_batches
-from pqm.errors import BadInput, cli, require, setup_logging
+from pqm.errors import BadInput, require
 from pqm.families import record
 from pqm.files import atomic_path
 from pqm.tokens import TokenEncoder
@@ -199,8 +199,8 @@ def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float) -> 
     return EspnetRecognizer(fp_dir, device=device, beam_size=beam_size, ctc_weight=ctc_weight)
 
 
-def text_normaliser(fp_dir: Path | None = None):
-    """Scoring compares words as they are, apart from spacing."""
+def text_normaliser(fp_dir: Path | None = None, split_digits: bool = True):
+    """Scoring compares words as they are, apart from spacing (the Conformer writes digits as its tokens do)."""
     return lambda text: " ".join(text.split())
 
 
@@ -217,17 +217,46 @@ def log_filter() -> logging.Filter:
     return _QuietBeamSearch()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Stage 4 (end): export an ESPnet model (trained here or ``--pretrained``) to ``<out>``:
-    ``python -m pqm.families.espnet --config C --checkpoint M --out <expdir>/fp``."""
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--config", type=Path, required=True, help="ESPnet config.yaml")
-    p.add_argument("--checkpoint", type=Path, required=True, help="model .pth or .safetensors")
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args(argv)
-    setup_logging()
-    export_fp_model(a.config, a.checkpoint, a.out)
+PRETRAINED_CHECKPOINTS = ("model.safetensors", "valid.acc.ave.pth", "valid.acc.ave_10best.pth", "valid.acc.best.pth",
+                          "model.pth")
 
 
-if __name__ == "__main__":
-    cli(main)
+def pretrained_files(folder: Path) -> tuple[Path, Path]:
+    """(``config.yaml``, the first checkpoint of :data:`PRETRAINED_CHECKPOINTS`) of an ESPnet model folder."""
+    if not folder.is_dir():
+        raise BadInput(f"--pretrained {folder}: no such folder")
+    checkpoints = [folder / name for name in PRETRAINED_CHECKPOINTS if (folder / name).is_file()]
+    if not checkpoints:
+        raise BadInput(f"--pretrained {folder}: no {', '.join(PRETRAINED_CHECKPOINTS)} in it")
+    if not (folder / "config.yaml").is_file():
+        raise BadInput(f"--pretrained {folder}: no config.yaml (ESPnet's training config) in it")
+    return folder / "config.yaml", checkpoints[0]
+
+
+def check(a: argparse.Namespace) -> None:
+    """Before anything is written: a ``--pretrained`` folder has a config and a checkpoint."""
+    if a.pretrained:
+        pretrained_files(Path(a.pretrained))
+
+
+def prepare(a: argparse.Namespace) -> None:
+    """Stage 3: Kaldi data dirs, token list and ESPnet's feature statistics (nothing for ``--pretrained``)."""
+    if a.pretrained:
+        logging.info(f"--pretrained {a.pretrained} brings its own tokens and feature statistics: nothing to prepare")
+        return
+    from pqm.espnet_data import write_espnet_data
+    from pqm.train_conformer import collect_stats
+
+    write_espnet_data(a.datadir, a.corpus, a.token_type, a.nbpe)
+    collect_stats(a)
+
+
+def train(a: argparse.Namespace) -> None:
+    """Stage 4: train with ESPnet's trainer (or take ``--pretrained``) and export to ``<expdir>/fp``."""
+    if a.pretrained:
+        config, checkpoint = pretrained_files(Path(a.pretrained))
+    else:
+        from pqm.train_conformer import train as train_conformer
+
+        config, checkpoint = train_conformer(a)
+    export_fp_model(config, checkpoint, a.expdir / "fp")

@@ -23,7 +23,7 @@ from lhotse import CutSet
 from tqdm import tqdm
 
 from pqm.batches import SAMPLING_RATE, at_16k, cut_batches
-from pqm.errors import BadInput, cli, require, setup_logging
+from pqm.errors import BadInput, require
 from pqm.families import record
 from pqm.files import atomic_path
 
@@ -255,13 +255,16 @@ def log_filter() -> None:
 _DIGIT_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine".split())}
 
 
-def text_normaliser(fp_dir: Path | None = None) -> Callable[[str], str]:
-    """Whisper's English text normaliser, then every digit as its own word.
+def text_normaliser(fp_dir: Path | None = None, split_digits: bool = True) -> Callable[[str], str]:
+    """Whisper's English text normaliser, then (``split_digits``) every digit as its own word.
 
     The normaliser writes numbers as digits and joins spelled-out digit runs
     into one number ("one two" -> "12"); splitting digits keeps the word error
     rate a per-digit count, as for spelled-out transcripts. A digit word it
     leaves spelled out (it writes a leading "1," as "one") becomes its digit.
+    The corpus decides (``SPLIT_DIGITS`` in :mod:`pqm.recipes`): the digit task
+    and speechocean762 split; LibriSpeech and TED-LIUM, where "1990" is one
+    word in published Whisper results, do not.
     """
     from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
@@ -274,18 +277,24 @@ def text_normaliser(fp_dir: Path | None = None) -> Callable[[str], str]:
         words = re.sub(r"(\d)", r" \1 ", normalise(text)).split()
         return " ".join(_DIGIT_WORDS.get(w, w) for w in words)
 
-    return apply
+    return apply if split_digits else normalise
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Stage 4 for Whisper: ``python -m pqm.families.whisper --pretrained SRC --out <expdir>/fp``."""
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--pretrained", required=True, help="a Whisper folder, or a model name transformers can resolve")
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args(argv)
-    setup_logging()
-    export_pretrained(a.pretrained, a.out)
+def check(a: argparse.Namespace) -> None:
+    """Before anything is written: ``--pretrained`` is a Whisper folder or a Hugging Face model name."""
+    if not a.pretrained:
+        raise BadInput("--model whisper needs --pretrained (a Whisper folder such as ../shared/models/whisper-tiny.en, "
+                       "or a model name)")
+    if not Path(a.pretrained).is_dir() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", a.pretrained):
+        raise BadInput(f"--pretrained {a.pretrained}: no such folder, and not a Hugging Face model name "
+                       "(owner/name, e.g. openai/whisper-tiny.en)")
 
 
-if __name__ == "__main__":
-    cli(main)
+def prepare(a: argparse.Namespace) -> None:
+    """Stage 3: nothing (Whisper brings its own tokenizer and features)."""
+    logging.info("Whisper brings its own tokenizer and features: nothing to prepare")
+
+
+def train(a: argparse.Namespace) -> None:
+    """Stage 4: copy the pretrained model into ``<expdir>/fp``."""
+    export_pretrained(a.pretrained, a.expdir / "fp")

@@ -12,8 +12,9 @@ short pauses; its transcript is the digits as words ("four two nine"). Sets:
 - ``eval``: test speakers, the remaining indices, each recording used once.
 
 No recording is in two sets, and no training utterance uses a test speaker.
-Everything is deterministic for a seed. Stage 2 of the default recipe:
-``python -m pqm.recipes.connected_digits --corpus-dir FSDD --datadir data``.
+Everything is deterministic for a seed. The default recipe's corpus
+(``--corpus fsdd``): stage 1 finds or downloads FSDD (:mod:`pqm.recipes.fsdd`),
+stage 2 builds the task.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, Supervis
 from lhotse.audio.utils import AudioLoadingError
 from tqdm import tqdm
 
-from pqm.errors import BadInput, check_safe_id, cli, setup_logging
+from pqm.errors import BadInput, check_safe_id
 from pqm.files import atomic_path
 from pqm.manifests import SETS, write_set, write_speakers
-from pqm.recipes.fsdd import parse_name, prepare_fsdd
+from pqm.recipes.fsdd import download_fsdd, parse_name, prepare_fsdd
 
 SAMPLE_RATE = 16000
 
@@ -44,7 +45,7 @@ class DigitTaskConfig:
 
     train_speakers: list[str] = field(default_factory=lambda: ["jackson", "theo", "yweweler", "lucas"])
     test_speakers: list[str] = field(default_factory=lambda: ["george", "nicolas"])
-    train_per_speaker: int = 500
+    train_per_speaker: int = 350
     valid_per_digit: int = 3
     adapt_per_digit: int = 20
     adapt_per_speaker: int = 100
@@ -177,21 +178,40 @@ def make_connected_digits(
     return cuts
 
 
-def main(argv: list[str] | None = None) -> None:
+TOKEN_TYPE = "word"
+SPLIT_DIGITS = True  # Whisper writes "four two" as "42": one word per digit keeps WER a per-digit count
+FSDD_COPY = Path("../shared/corpora/fsdd")
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """``--corpus fsdd``'s options: where FSDD is, and how the connected-digit task is drawn."""
     default = DigitTaskConfig()
-    p = argparse.ArgumentParser(description="Stage 2 for FSDD: lhotse manifests of the corpus and of the connected-digit task.")
-    p.add_argument("--corpus-dir", type=Path, required=True, help="FSDD folder with recordings/")
-    p.add_argument("--datadir", type=Path, required=True, help="output: <datadir>/manifests, <datadir>/wav")
+    p.add_argument("--corpus-dir", type=Path, default=FSDD_COPY, help="an FSDD copy (with recordings/)")
+    p.add_argument("--download-dir", type=Path, default=Path("downloads"),
+                   help="download the pinned FSDD release here when --corpus-dir has no recordings/")
     p.add_argument("--train-speakers", nargs="+", default=default.train_speakers)
     p.add_argument("--test-speakers", nargs="+", default=default.test_speakers)
-    p.add_argument("--train-per-speaker", type=int, default=default.train_per_speaker)
+    p.add_argument("--train-per-speaker", type=int, default=default.train_per_speaker,
+                   help="training utterances drawn per training speaker")
     p.add_argument("--valid-per-digit", type=int, default=default.valid_per_digit)
-    p.add_argument("--adapt-per-digit", type=int, default=default.adapt_per_digit)
-    p.add_argument("--adapt-per-speaker", type=int, default=default.adapt_per_speaker)
-    p.add_argument("--max-digits", type=int, default=default.max_digits)
-    p.add_argument("--seed", type=int, default=default.seed)
-    a = p.parse_args(argv)
-    setup_logging()
+    p.add_argument("--adapt-per-digit", type=int, default=default.adapt_per_digit,
+                   help="test speakers: recordings with index < this are for adaptation, the rest for evaluation")
+    p.add_argument("--adapt-per-speaker", type=int, default=default.adapt_per_speaker,
+                   help="adaptation utterances drawn per test speaker")
+    p.add_argument("--max-digits", type=int, default=default.max_digits, help="digits per utterance: 1..N")
+
+
+def download(a: argparse.Namespace) -> Path:
+    """Stage 1: the FSDD folder to use, downloading the pinned release if ``--corpus-dir`` has none."""
+    if (a.corpus_dir / "recordings").is_dir():
+        logging.info(f"using the FSDD copy in {a.corpus_dir}")
+        return a.corpus_dir.resolve()
+    logging.warning(f"{a.corpus_dir}/recordings not found: downloading FSDD into {a.download_dir}")
+    return download_fsdd(a.download_dir).resolve()
+
+
+def prepare(a: argparse.Namespace, corpus_dir: Path) -> None:
+    """Stage 2: lhotse manifests of FSDD and of the connected-digit task."""
     cfg = DigitTaskConfig(
         train_speakers=a.train_speakers,
         test_speakers=a.test_speakers,
@@ -203,9 +223,5 @@ def main(argv: list[str] | None = None) -> None:
         seed=a.seed,
     )
     manifests = a.datadir / "manifests"
-    corpus = prepare_fsdd(a.corpus_dir, manifests)
-    make_connected_digits(corpus["recordings"], corpus["supervisions"], cfg, a.datadir / "wav", manifests)
-
-
-if __name__ == "__main__":
-    cli(main)
+    fsdd = prepare_fsdd(corpus_dir, manifests)
+    make_connected_digits(fsdd["recordings"], fsdd["supervisions"], cfg, a.datadir / "wav", manifests)

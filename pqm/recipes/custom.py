@@ -1,13 +1,13 @@
-"""Stage 2 for your own corpus: Kaldi data dirs (or lhotse cut manifests) into the recipe's manifests.
+"""Stages 1-2 for your own corpus: Kaldi data dirs (or lhotse cut manifests) into the recipe's manifests.
 
 Three inputs, each a Kaldi data directory (``wav.scp`` with plain file paths,
 ``text``, ``utt2spk``, optionally ``segments``; keys end at a tab or a space)
 made into lhotse manifests here, or a lhotse cuts manifest (``*.jsonl.gz``):
 
-- ``--train``: training speakers (SAT, and Conformer training); a
+- ``--train-data``: training speakers (SAT, and Conformer training); a
   ``--valid-fraction`` of it (every n-th utterance by id) becomes the valid set;
-- ``--adapt``: the test speakers' adaptation utterances;
-- ``--eval``: the test speakers' evaluation utterances; its speakers are the
+- ``--adapt-data``: the test speakers' adaptation utterances;
+- ``--eval-data``: the test speakers' evaluation utterances; its speakers are the
   test speakers.
 
 Everything is checked before anything is written: utterances without text or
@@ -22,13 +22,14 @@ file and the utterance. Relative audio paths are read from the current folder
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from pathlib import Path
 
 import soundfile as sf
 from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 
-from pqm.errors import BadInput, check_safe_id, cli, setup_logging
+from pqm.errors import BadInput, check_safe_id
 from pqm.kaldi_table import read_table
 from pqm.manifests import write_speakers, write_utterance_set
 
@@ -186,17 +187,45 @@ def prepare_custom(train: Path, adapt: Path, evaluation: Path, manifest_dir: Pat
     return speakers
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", type=Path, required=True, help="training set: Kaldi data dir or lhotse cuts")
-    p.add_argument("--adapt", type=Path, required=True, help="test speakers' adaptation set")
-    p.add_argument("--eval", type=Path, required=True, help="test speakers' evaluation set")
-    p.add_argument("--datadir", type=Path, required=True, help="output: <datadir>/manifests")
-    p.add_argument("--valid-fraction", type=float, default=0.05)
-    a = p.parse_args(argv)
-    setup_logging()
-    prepare_custom(a.train, a.adapt, a.eval, a.datadir / "manifests", a.valid_fraction)
+TOKEN_TYPE = "bpe"
+SPLIT_DIGITS = False  # Whisper's English normaliser alone
+SETS = ("train", "adapt", "eval")
+TABLES = ("wav.scp", "text", "utt2spk", "segments")
 
 
-if __name__ == "__main__":
-    cli(main)
+def add_options(p: argparse.ArgumentParser) -> None:
+    """``--corpus custom``'s options: the three data sets (each required)."""
+    p.add_argument("--train-data", type=Path, help="training set: a Kaldi data dir or lhotse cuts")
+    p.add_argument("--adapt-data", type=Path, help="the test speakers' adaptation set")
+    p.add_argument("--eval-data", type=Path, help="the test speakers' evaluation set (its speakers are the test speakers)")
+    p.add_argument("--valid-fraction", type=float, default=0.05,
+                   help="share of the training utterances held out for validation")
+
+
+def _data_sets(a: argparse.Namespace) -> list[Path]:
+    for name in SETS:
+        path = getattr(a, f"{name}_data")
+        if path is None or not path.exists():
+            raise BadInput(f"--corpus custom needs --{name}-data (a Kaldi data dir or lhotse cuts) in --corpus-opts; "
+                           f"got {str(path) if path else 'nothing'}")
+    return [getattr(a, f"{name}_data") for name in SETS]
+
+
+def inputs_digest(a: argparse.Namespace) -> str:
+    """A digest of the data sets' tables (or cuts files): an edited table counts as a changed option."""
+    digest = hashlib.sha256()
+    for path in _data_sets(a):
+        for f in [path] if path.is_file() else [path / t for t in TABLES if (path / t).is_file()]:
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def download(a: argparse.Namespace) -> None:
+    """Stage 1: nothing to download; the data sets must exist."""
+    train, adapt, evaluation = _data_sets(a)
+    logging.info(f"corpus: train {train}, adapt {adapt}, eval {evaluation}")
+
+
+def prepare(a: argparse.Namespace, corpus_dir: None) -> None:
+    """Stage 2."""
+    prepare_custom(*_data_sets(a), a.datadir / "manifests", a.valid_fraction)

@@ -11,7 +11,6 @@ Recording and one SupervisionSegment (the digit as an English word) per file.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import shutil
@@ -28,7 +27,7 @@ from lhotse import (
 )
 from lhotse.utils import Pathlike, resumable_download
 
-from pqm.errors import BadInput, MissingInput, check_safe_id, cli, setup_logging
+from pqm.errors import BadInput, MissingInput, check_safe_id
 
 FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
 FSDD_URL = (
@@ -130,23 +129,3 @@ def prepare_fsdd(
         recording_set.to_file(output_dir / "fsdd_recordings_all.jsonl.gz")
         supervision_set.to_file(output_dir / "fsdd_supervisions_all.jsonl.gz")
     return {"recordings": recording_set, "supervisions": supervision_set}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Stage 1: print the FSDD folder to use, downloading the pinned release if needed."""
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--fsdd-dir", type=Path, default=None, help="an existing copy (with recordings/)")
-    p.add_argument("--download-dir", type=Path, default=Path("downloads"))
-    a = p.parse_args(argv)
-    setup_logging()
-    if a.fsdd_dir is not None and (a.fsdd_dir / "recordings").is_dir():
-        logging.info(f"using the FSDD copy in {a.fsdd_dir}")
-        print(a.fsdd_dir.resolve())
-        return
-    if a.fsdd_dir is not None:
-        logging.warning(f"{a.fsdd_dir}/recordings not found: downloading FSDD into {a.download_dir}")
-    print(download_fsdd(a.download_dir).resolve())
-
-
-if __name__ == "__main__":
-    cli(main)

@@ -12,19 +12,22 @@ no more utterances than that is left out of the test speakers (logged).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from lhotse.recipes import download_librispeech, prepare_librispeech
 
-from pqm.errors import BadInput, cli, setup_logging
+from pqm.errors import BadInput
 from pqm.manifests import write_speakers, write_utterance_set
-from pqm.recipes.speakers import corpus_or_download, recipe_parser, split_test_speakers
+from pqm.recipes.speakers import add_split_options, corpus_or_download, split_test_speakers
 
 CORPUS = "librispeech"
 
 
-def prepare(corpus_dir: Path, manifest_dir: Path, train_part: str, test_parts: list[str], train_utts: int,
+def prepare_librispeech_split(corpus_dir: Path, manifest_dir: Path, train_part: str, test_parts: list[str], train_utts: int,
             adapt_per_speaker: int) -> dict:
+    """lhotse's LibriSpeech manifests, split into our sets; write them and ``speakers.json``; return the test
+    readers by part."""
     parts = prepare_librispeech(corpus_dir, dataset_parts=[train_part, *test_parts])
     missing = [p for p in [train_part, *test_parts] if p not in parts]
     if missing:
@@ -55,16 +58,26 @@ def prepare(corpus_dir: Path, manifest_dir: Path, train_part: str, test_parts: l
     return test_sets
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = recipe_parser(__doc__, "the LibriSpeech folder (with train-clean-100/, ...)", adapt_default=20)
-    p.add_argument("--train-part", default="train-clean-100")
-    p.add_argument("--test-parts", nargs="+", default=["test-clean", "test-other"])
-    a = p.parse_args(argv)
-    setup_logging()
-    corpus_dir = corpus_or_download(a, "LibriSpeech",
-                                    lambda d: download_librispeech(d, dataset_parts=[a.train_part, *a.test_parts]))
-    prepare(corpus_dir, a.datadir / "manifests", a.train_part, a.test_parts, a.train_utts, a.adapt_per_speaker)
+TOKEN_TYPE = "bpe"
+SPLIT_DIGITS = False  # Whisper's English normaliser alone: "1990" is one word, as in published Whisper results
 
 
-if __name__ == "__main__":
-    cli(main)
+def add_options(p: argparse.ArgumentParser) -> None:
+    """``--corpus librispeech``'s options."""
+    add_split_options(p, Path("downloads/LibriSpeech"), "the LibriSpeech folder (with train-clean-100/, ...)",
+                      adapt_default=20)
+    p.add_argument("--train-part", default="train-clean-100", help="SAT (and Conformer training) part")
+    p.add_argument("--test-parts", nargs="+", default=["test-clean", "test-other"],
+                   help="parts whose readers are the test speakers")
+
+
+def download(a: argparse.Namespace) -> Path:
+    """Stage 1: ``--corpus-dir``, or lhotse's download of the parts into ``--download-dir``."""
+    return corpus_or_download(a, "LibriSpeech",
+                              lambda d: download_librispeech(d, dataset_parts=[a.train_part, *a.test_parts]))
+
+
+def prepare(a: argparse.Namespace, corpus_dir: Path) -> None:
+    """Stage 2."""
+    prepare_librispeech_split(corpus_dir, a.datadir / "manifests", a.train_part, a.test_parts, a.train_utts,
+                              a.adapt_per_speaker)

@@ -1,4 +1,4 @@
-"""What the corpus recipes share: the protocol's test-speaker split and stage 2's options.
+"""What the corpus recipes share: the protocol's test-speaker split and its options.
 
 Each test speaker (unseen in training) has its utterances split into an
 adaptation part (the first ``adapt_per_speaker`` in the recipe's order) and an
@@ -39,21 +39,20 @@ def split_test_speakers(sups: Iterable, train_speakers: set[str], adapt_per_spea
     return adapt, evaluation, speakers
 
 
-def recipe_parser(doc: str, corpus_help: str, adapt_default: int) -> argparse.ArgumentParser:
-    """The options every downloadable corpus recipe takes (stage 2's command line)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus-dir", type=Path, required=True, help=corpus_help)
-    p.add_argument("--download-dir", type=Path, default=None, help="download the corpus here when --corpus-dir is absent")
-    p.add_argument("--datadir", type=Path, required=True, help="output: <datadir>/manifests")
+def add_split_options(p: argparse.ArgumentParser, corpus_dir: Path, corpus_help: str, adapt_default: int,
+                      downloadable: bool = True) -> None:
+    """The options of every corpus whose test speakers' utterances are split by :func:`split_test_speakers`."""
+    p.add_argument("--corpus-dir", type=Path, default=corpus_dir, help=corpus_help)
+    if downloadable:
+        p.add_argument("--download-dir", type=Path, default=Path("downloads"),
+                       help="download the corpus here when --corpus-dir is absent")
     p.add_argument("--train-utts", type=int, default=0, help="train on the first N training utterances by id (0: all)")
     p.add_argument("--adapt-per-speaker", type=int, default=adapt_default, help="adaptation utterances per test speaker")
-    return p
 
 
 def corpus_or_download(a: argparse.Namespace, name: str, download: Callable[[Path], Path]) -> Path:
     """``--corpus-dir`` if it exists, else the folder ``download(--download-dir)`` returns."""
     if a.corpus_dir.is_dir():
         return a.corpus_dir
-    if a.download_dir is None:
-        raise BadInput(f"--corpus-dir {a.corpus_dir} does not exist; give --download-dir to download {name}")
+    logging.info(f"--corpus-dir {a.corpus_dir} does not exist: downloading {name} into {a.download_dir}")
     return download(a.download_dir)

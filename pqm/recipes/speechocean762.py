@@ -1,4 +1,4 @@
-"""Stage 2 for speechocean762: real read English of non-native speakers, children and adults.
+"""Stages 1-2 for speechocean762: real read English of non-native speakers, children and adults.
 
 The corpus comes in Kaldi layout (``train/`` and ``test/``, each with
 ``wav.scp``, ``text``, ``utt2spk``, ``spk2age``; audio under ``WAVE/``, as
@@ -19,15 +19,16 @@ results report WER per group.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
 from lhotse import Recording, SupervisionSegment
 
-from pqm.errors import BadInput, cli, setup_logging
+from pqm.errors import BadInput
 from pqm.kaldi_table import read_table
 from pqm.manifests import write_speakers, write_utterance_set
-from pqm.recipes.speakers import recipe_parser, split_test_speakers
+from pqm.recipes.speakers import add_split_options, split_test_speakers
 
 CORPUS = "speechocean762"
 AUDIO_EXTENSIONS = (".WAV", ".wav", ".flac")
@@ -95,15 +96,25 @@ def prepare_speechocean762(corpus_dir: Path, manifest_dir: Path, adapt_per_speak
     return groups
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = recipe_parser(__doc__, "the speechocean762 folder (with train/, test/, WAVE/)", adapt_default=10)
-    a = p.parse_args(argv)
-    setup_logging()
+TOKEN_TYPE = "bpe"
+SPLIT_DIGITS = True  # some sentences are spelled-out digit strings ("SEVEN NINE FOUR SIX") that Whisper writes as one number
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """``--corpus speechocean762``'s options."""
+    add_split_options(p, Path("../shared/corpora/speechocean762"),
+                      "the speechocean762 folder (with train/, test/, WAVE/): the shared copy or the unpacked release",
+                      adapt_default=10, downloadable=False)
+
+
+def download(a: argparse.Namespace) -> Path:
+    """Stage 1: the corpus folder (no download: the shared copy or the unpacked release)."""
     if not a.corpus_dir.is_dir():
         raise BadInput(f"--corpus-dir {a.corpus_dir} does not exist: point it at speechocean762 "
                        "(../shared/corpora/speechocean762, or the unpacked release)")
-    prepare_speechocean762(a.corpus_dir, a.datadir / "manifests", a.adapt_per_speaker, a.train_utts)
+    return a.corpus_dir
 
 
-if __name__ == "__main__":
-    cli(main)
+def prepare(a: argparse.Namespace, corpus_dir: Path) -> None:
+    """Stage 2."""
+    prepare_speechocean762(corpus_dir, a.datadir / "manifests", a.adapt_per_speaker, a.train_utts)

@@ -18,14 +18,16 @@ reads the uncompressed NIST SPHERE files TED-LIUM 3 ships (not shorten).
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 from pathlib import Path
 
 from lhotse.recipes import download_tedlium, prepare_tedlium
 
-from pqm.errors import BadInput, cli, setup_logging
+from pqm.errors import BadInput
 from pqm.manifests import write_speakers, write_utterance_set
-from pqm.recipes.speakers import corpus_or_download, recipe_parser, split_test_speakers
+from pqm.recipes.speakers import add_split_options, corpus_or_download, split_test_speakers
 
 CORPUS = "tedlium3"
 PARTS = ("train", "dev", "test")
@@ -38,7 +40,8 @@ def _with_text(sups, part: str) -> list:
     return kept
 
 
-def prepare(corpus_dir: Path, manifest_dir: Path, train_utts: int, adapt_per_speaker: int) -> list[str]:
+def prepare_tedlium3_split(corpus_dir: Path, manifest_dir: Path, train_utts: int, adapt_per_speaker: int) -> list[str]:
+    """lhotse's TED-LIUM 3 manifests, split into our sets; write them and ``speakers.json``; return the test talks."""
     missing = [p for p in PARTS if not (corpus_dir / "legacy" / p / "stm").is_dir()]
     if missing:
         raise BadInput(f"{corpus_dir}: no TED-LIUM 3 part(s) {missing} (expected legacy/<part>/sph/*.sph "
@@ -61,12 +64,23 @@ def prepare(corpus_dir: Path, manifest_dir: Path, train_utts: int, adapt_per_spe
     return test_talks
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = recipe_parser(__doc__, "the TEDLIUM_release-3 folder (with legacy/)", adapt_default=50).parse_args(argv)
-    setup_logging()
-    corpus_dir = corpus_or_download(a, "TED-LIUM 3", download_tedlium)
-    prepare(corpus_dir, a.datadir / "manifests", a.train_utts, a.adapt_per_speaker)
+TOKEN_TYPE = "bpe"
+SPLIT_DIGITS = False  # Whisper's English normaliser alone, as in published Whisper results
 
 
-if __name__ == "__main__":
-    cli(main)
+def add_options(p: argparse.ArgumentParser) -> None:
+    """``--corpus tedlium3``'s options."""
+    add_split_options(p, Path("downloads/TEDLIUM_release-3"), "the TEDLIUM_release-3 folder (with legacy/)",
+                      adapt_default=50)
+
+
+def download(a: argparse.Namespace) -> Path:
+    """Stage 1: ``--corpus-dir``, or lhotse's download into ``--download-dir``."""
+    if os.environ.get("LHOTSE_AUDIO_BACKEND"):
+        logging.info(f"reading .sph with {os.environ['LHOTSE_AUDIO_BACKEND']} (no sph2pipe on PATH)")
+    return corpus_or_download(a, "TED-LIUM 3", download_tedlium)
+
+
+def prepare(a: argparse.Namespace, corpus_dir: Path) -> None:
+    """Stage 2."""
+    prepare_tedlium3_split(corpus_dir, a.datadir / "manifests", a.train_utts, a.adapt_per_speaker)
