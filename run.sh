@@ -38,6 +38,7 @@ sat_utts=0              # SAT on at most this many training utterances (0: all)
 sat_init=zero           # SAT LoRA start: zero (peft's default, B = 0) or svd (the rank-r SVD of the NF4 quantisation error)
 sa_epochs=10
 sa_lr=0.001
+sa_lr_schedule=constant # per-speaker lr: constant, or linear (warm-up over 10% of the steps, then linear decay to 0)
 sa_holdout=0            # do no harm: hold out each test speaker's last N adaptation utterances, keep the best epoch
                         # only if no worse there than the starting adapter (else fall back to it); 0: off
 whisper_window=padded   # whisper LoRA training (and the adapted systems' decoding): padded (30 s) or trimmed input
@@ -69,6 +70,7 @@ for opt in nf4_double_quant nf4_embeddings; do check "${opt}" "true|false" "use 
 check whisper_window "padded|trimmed" "use padded or trimmed"
 check target_style "corpus|sentence|model" "use corpus, sentence or model"
 check sat_init "zero|svd" "use zero or svd"
+check sa_lr_schedule "constant|linear" "use constant or linear"
 check cmd_backend "local|slurm" "use local or slurm"
 [ "${cmd_backend}" = local ] || python -m pqm.slurm --check "${cluster_config}" || die "--cmd-backend slurm: fix the above first"
 expdir=${expdir:-exp/${corpus}_${model}}
@@ -93,7 +95,7 @@ stage_inputs=(
     [1]="corpus corpus_opts datadir corpus_inputs" [2]="seed" [3]="model pretrained token_type nbpe train_config"
     [4]="max_epoch" [5]="nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings"
     [6]="lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc sat_init"
-    [7]="sa_epochs sa_lr sa_holdout ctc_weight" [8]="beam_size whisper_max_tokens_per_second" [9]=""
+    [7]="sa_epochs sa_lr sa_lr_schedule sa_holdout ctc_weight" [8]="beam_size whisper_max_tokens_per_second" [9]=""
 )
 stage_options() { for n in $(seq 1 "$1"); do for v in ${stage_inputs[n]}; do echo "--${v//_/-} ${!v}"; done; done; }
 options_changed() {  # empty when stage $1's done marker records this run's options, else "was ...; now ..."
@@ -153,7 +155,7 @@ stage7() {  # one job per test speaker and system; a failed speaker stops neithe
         log "per-speaker ${system} adapters for ${n} speakers (logs: ${expdir}/log/adapt_${system}.*.log)"
         PQM_TASK_NAMES=${speakers} ${cmd} --max-jobs-run "${nj}" "${thread_opts[@]}" "JOB=1:${n}" "${expdir}/log/adapt_${system}.JOB.log" \
             python -m pqm.adapt "${opts_lora[@]}" "${init[@]}" --cuts "$(cuts adapt)" --speaker-list "${speakers}" --job JOB \
-            --epochs "${sa_epochs}" --lr "${sa_lr}" --holdout "${sa_holdout}" --ctc-weight "${ctc_weight}" \
+            --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" --holdout "${sa_holdout}" --ctc-weight "${ctc_weight}" \
             --out "${expdir}/adapters/${system}" || failed="${failed} ${system}"
     done
     [ -z "${failed}" ] || die "adaptation failed for some speakers of:${failed} (listed above); rerun stage 7 to redo only those"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import resource
 import shutil
@@ -48,6 +49,7 @@ from lhotse.utils import fastcopy
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from pqm.errors import BadInput, cli, require, setup_logging
@@ -116,6 +118,7 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         "lora_alpha": a.lora_alpha, "lora_dropout": a.lora_dropout, "lora_targets": a.lora_targets,
         "world_size": world_size, "window": a.window, "target_style": a.target_style, "holdout": a.holdout,
         "lora_init": None if a.init else a.lora_init,
+        **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
     }
 
 
@@ -175,17 +178,20 @@ class Checkpoint:
     def __init__(self, path: Path, key: dict) -> None:
         self.path, self.key = path, key
 
-    def save(self, model, optim: torch.optim.Optimizer, epoch: int, losses: list[float], selection: Selection) -> None:
+    def save(self, model, optim: torch.optim.Optimizer, schedule: LambdaLR, epoch: int, losses: list[float],
+             selection: Selection) -> None:
         with atomic_path(self.path) as tmp:
             tmp.mkdir()
             save_file(lora_state(model), str(tmp / "lora.safetensors"))
             if selection.best_state is not None:
                 save_file(selection.best_state, str(tmp / "best.safetensors"))
-            torch.save({"optim": optim.state_dict(), "rng": torch.get_rng_state()}, tmp / "optim.pt")
+            torch.save({"optim": optim.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state()},
+                       tmp / "optim.pt")
             write_json(tmp / "state.json", {"key": self.key, "epoch": epoch, "losses": losses,
                                             "errors": selection.errors, "words": selection.words})
 
-    def load(self, model, optim: torch.optim.Optimizer, selection: Selection) -> tuple[int, list[float]]:
+    def load(self, model, optim: torch.optim.Optimizer, schedule: LambdaLR, selection: Selection
+             ) -> tuple[int, list[float]]:
         """Restore the state of a matching checkpoint (and ``selection``'s); return (epochs done, losses)."""
         state_file = self.path / "state.json"
         if not state_file.exists():
@@ -197,6 +203,8 @@ class Checkpoint:
         set_peft_model_state_dict(model, load_file(str(self.path / "lora.safetensors")))
         extra = torch.load(self.path / "optim.pt", weights_only=True)
         optim.load_state_dict(extra["optim"])
+        if "schedule" in extra:  # (a constant rate's checkpoints from before schedules have none)
+            schedule.load_state_dict(extra["schedule"])
         torch.set_rng_state(extra["rng"])
         selection.errors, selection.words = state.get("errors", []), state.get("words", 0)
         if (self.path / "best.safetensors").exists():
@@ -208,10 +216,22 @@ class Checkpoint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+SCHEDULES = ("constant", "linear")
+
+
+def learning_rate_schedule(optim: torch.optim.Optimizer, schedule: str, warmup_ratio: float, steps: int) -> LambdaLR:
+    """The per-step learning-rate schedule (see :func:`train_adapter`); ``linear`` warms up for at least one step."""
+    from transformers import get_constant_schedule, get_linear_schedule_with_warmup
+
+    if schedule == "constant":
+        return get_constant_schedule(optim)
+    return get_linear_schedule_with_warmup(optim, max(1, round(warmup_ratio * steps)), steps)
+
+
 def train_adapter(
     model, cuts: CutSet, batches_of, epochs: int, lr: float, batch_size: int, seed: int,
     device: str = "cpu", checkpoint: Checkpoint | None = None, ranks: Ranks = Ranks(),
-    selection: Selection | None = None,
+    selection: Selection | None = None, schedule: str = "constant", warmup_ratio: float = 0.1,
 ) -> list[float]:
     """Train the trainable (LoRA) parameters of ``model``; return the mean loss per epoch.
 
@@ -223,12 +243,16 @@ def train_adapter(
     saved state is resumed from. With ``ranks.world_size`` > 1 (torchrun),
     each rank trains on its share of the batches and DDP averages the gradients.
     With ``selection``, the held-out errors are measured before training and
-    after every epoch (see :class:`Selection`).
+    after every epoch (see :class:`Selection`). ``schedule``: a constant
+    learning rate, or ``linear`` (transformers' linear warm-up over
+    ``warmup_ratio`` of the steps, then linear decay to 0).
     """
     selection = selection or Selection()
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    done, losses = checkpoint.load(model, optim, selection) if checkpoint else (0, [])
+    lr_schedule = learning_rate_schedule(optim, schedule, warmup_ratio,
+                                         epochs * math.ceil(math.ceil(len(cuts) / batch_size) / ranks.world_size))
+    done, losses = checkpoint.load(model, optim, lr_schedule, selection) if checkpoint else (0, [])
     if done == 0:
         selection.after_epoch(model)
     net = data_parallel(model, device) if ranks.world_size > 1 else model
@@ -244,6 +268,7 @@ def train_adapter(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             optim.step()
+            lr_schedule.step()
             sums += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         if ranks.world_size > 1:
             sums = sums.to(device)
@@ -253,7 +278,7 @@ def train_adapter(
         logging.info(f"epoch {epoch + 1}: mean loss {losses[-1]:.3f} over {count:.0f} batches")
         selection.after_epoch(model)
         if checkpoint and ranks.main:
-            checkpoint.save(model, optim, epoch + 1, losses, selection)
+            checkpoint.save(model, optim, lr_schedule, epoch + 1, losses, selection)
     model.eval()
     return losses
 
@@ -272,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
                         "quantisation error, pqm.lora.init_from_quantisation_error)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", default="constant", choices=SCHEDULES,
+                   help="constant, or linear: warm-up over --warmup-ratio of the steps, then linear decay to 0")
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-utts", type=int, default=0, help="use at most this many utterances (0: all)")
     p.add_argument("--lora-r", type=int, default=default.r)
@@ -404,13 +432,14 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     selection = Selection(held_out_errors(rec, held_out, models.text_normaliser(a.fp_dir, split_digits(a.cuts.parent))) if held_out else None)
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
     losses = train_adapter(model, train_cuts, models.batch_iterator(a.fp_dir, a.window), a.epochs, a.lr, a.batch_size,
-                           a.seed, a.device, checkpoint, ranks, selection)
+                           a.seed, a.device, checkpoint, ranks, selection, a.lr_schedule, a.warmup_ratio)
     timer.done("train" + (" and decode the held-out utterances" if held_out else ""))
     if not ranks.main:
         return
     meta = {
         "base_fingerprint": base_fingerprint, "base_model": str(a.nf4_dir), "speaker": speaker,
         "init": str(a.init) if a.init else a.lora_init, "utterances": len(train_cuts), "epochs": a.epochs, "lr": a.lr,
+        "lr_schedule": a.lr_schedule,
         "loss_per_epoch": losses, "lora_params": n_lora, "base_params": base_params, "window": a.window,
         "target_style": a.target_style, "world_size": ranks.world_size, "run_key": key,
     }

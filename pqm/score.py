@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     ] or [read_json(a.expdir / "sat" / "pqm_adapter.json", "stage 6 (SAT)")["lora_params"]]
     test_sets = read_json(a.cuts.parent / "speakers.json", "stage 2 (manifests)").get("test_sets")
     digits = split_digits(a.cuts.parent)
-    systems = score(a.expdir / "decode", refs, speakers, family(a.model).text_normaliser(a.expdir / "fp", digits))
+    systems = score(require(a.expdir / "decode", "stage 8 (decoding)"), refs, speakers, family(a.model).text_normaliser(a.expdir / "fp", digits))
     if test_sets:
         add_per_set(systems, test_sets)
     results = {

@@ -33,20 +33,41 @@ def setup(fsdd_dir, tiny_fp_dir, tmp_path_factory):
     return tmp, tiny_fp_dir
 
 
-def _cmd(setup, out, epochs=6):
+def _cmd(setup, out, epochs=6, *extra: str):
     tmp, fp_dir = setup
     return [sys.executable, "-m", "pqm.adapt", "--fp-dir", str(fp_dir), "--nf4-dir", str(tmp / "nf4"),
             "--cuts", str(tmp / "manifests" / "fsdd_cuts_adapt.jsonl.gz"),
-            "--speaker", "george", "--epochs", str(epochs), "--batch-size", "4", "--lr", "0.01", "--out", str(out)]
+            "--speaker", "george", "--epochs", str(epochs), "--batch-size", "4", "--lr", "0.01", "--out", str(out),
+            *extra]
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
+def test_learning_rate_schedules():
+    """constant: the rate every step; linear: warm-up over 10% of the steps (at least one), then decay to 0."""
+    from pqm.adapt import learning_rate_schedule
+
+    def rates(schedule):
+        optim = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        lr_schedule = learning_rate_schedule(optim, schedule, 0.1, 10)
+        out = []
+        for _ in range(10):
+            out.append(optim.param_groups[0]["lr"])
+            optim.step()
+            lr_schedule.step()
+        return out
+
+    assert rates("constant") == [1.0] * 10
+    assert rates("linear") == pytest.approx([0.0] + [(10 - s) / 9 for s in range(1, 10)])
+
+
 @pytest.mark.e2e
 def test_killed_job_resumes_to_the_same_adapter(setup, tmp_path):
-    subprocess.run(_cmd(setup, tmp_path / "a"), cwd=ROOT, env=ENV, check=True, capture_output=True)
-    proc = subprocess.Popen(_cmd(setup, tmp_path / "b"), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+    """With a linear schedule, so that the resumed job must also restore the schedule's step."""
+    linear = ("--lr-schedule", "linear", "--warmup-ratio", "0.3")
+    subprocess.run(_cmd(setup, tmp_path / "a", 6, *linear), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    proc = subprocess.Popen(_cmd(setup, tmp_path / "b", 6, *linear), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     state = tmp_path / ".b.checkpoint" / "state.json"
     deadline = time.time() + 180
@@ -55,7 +76,8 @@ def test_killed_job_resumes_to_the_same_adapter(setup, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert state.exists() and not (tmp_path / "b").exists(), "the job was not killed between epochs 1 and 6"
-    again = subprocess.run(_cmd(setup, tmp_path / "b"), cwd=ROOT, env=ENV, check=True, capture_output=True, text=True)
+    again = subprocess.run(_cmd(setup, tmp_path / "b", 6, *linear), cwd=ROOT, env=ENV, check=True, capture_output=True,
+                           text=True)
     assert "resuming from" in again.stderr
     a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))

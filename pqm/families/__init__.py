@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from pqm.errors import BadInput
+from pqm.errors import BadInput, MissingInput
 from pqm.files import read_json, write_json
 
 FAMILIES = {  # --model name -> module
@@ -48,6 +48,8 @@ def record(fp_dir: Path, name: str) -> None:
 def family_of(fp_dir: Path) -> str:
     """The family name stage 4 recorded in ``fp_dir``."""
     path = Path(fp_dir) / FAMILY_FILE
+    if not Path(fp_dir).is_dir():
+        raise MissingInput(f"missing {fp_dir}: it is made by stage 4 (train or load the model)")
     if not path.is_file():
         raise BadInput(f"{path} is missing: {fp_dir} was not made by stage 4 of this version "
                        "(rerun stage 4: ./run.sh --stage 4 with the options you ran with)")
