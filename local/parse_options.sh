@@ -12,7 +12,8 @@ while [ $# -gt 0 ]; do
         --*)
             name=$(echo "${1#--}" | tr '-' '_')
             if ! [[ "${name}" =~ ^[a-z][a-z0-9_]*$ ]] || [ -z "${!name+set}" ]; then
-                echo "$0: unknown option $1 (see $0 --help)" >&2; exit 1
+                echo "$0: unknown option $1 (see $0 --help; a corpus's own options, such as its folder, go in" \
+                    "--corpus-opts: python -m pqm.recipes --corpus NAME --help lists them)" >&2; exit 1
             fi
             if [ $# -lt 2 ]; then echo "$0: option $1 needs a value" >&2; exit 1; fi
             if [ "${name}" = config ]; then

@@ -100,6 +100,18 @@ def no_worse_than_fp(systems: dict, name: str) -> tuple[int, int]:
     return sum(r[s]["errors"] <= fp[s]["errors"] for s in both), len(both)
 
 
+def nf4_by_kind(breakdown: dict[str, int] | None) -> dict:
+    """Stage 5's breakdown of the NF4 file (``size.json``) summed by kind: 4-bit weights, quantisation
+    state, full-precision tensors, file header (empty for a ``size.json`` without one)."""
+    if not breakdown:
+        return {}
+    kinds: dict[str, int] = {}
+    for what, n in breakdown.items():
+        kind = "full precision" if what.startswith("full precision") else what.split(" (")[0]
+        kinds[kind] = kinds.get(kind, 0) + n
+    return {"nf4_by_kind": kinds}
+
+
 def markdown(results: dict) -> str:
     """The results as ESPnet-style markdown tables: systems, then speakers (rows) by system (columns)."""
     systems = results["systems"]
@@ -115,6 +127,10 @@ def markdown(results: dict) -> str:
         f"({size['fp32'] / size['nf4']:.2f}x smaller)",
         f"- parameters: base {params['base']:,}; LoRA per speaker {params['lora_per_speaker']:,} "
         f"({100 * params['lora_per_speaker'] / params['base']:.2f}% of the base)",
+        *(["- the NF4 file by kind: " + ", ".join(f"{what} {n:,} bytes ({100 * n / size['nf4']:.1f}%)"
+                                                  for what, n in size["nf4_by_kind"].items())] if "nf4_by_kind" in size else []),
+        *([f"- one speaker's adapter file: {size['adapter']:,} bytes ({100 * size['adapter'] / size['nf4']:.2f}% of the "
+           "NF4 file)"] if "adapter" in size else []),
         "",
         "| system | WER (%) | errors | words | rel. vs fp (%) | rel. vs nf4 (%) | speakers no worse than fp |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -211,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     refs = {c.id: c.supervisions[0].text for c in cuts}
     speakers = {c.id: c.supervisions[0].speaker for c in cuts}
     size = read_json(a.expdir / "nf4" / "size.json", "stage 5 (NF4 quantisation)")
+    adapters = [f for f in [*(a.expdir / "adapters" / "pqm").glob("*/adapter_model.safetensors"),
+                            a.expdir / "sat" / "adapter_model.safetensors"] if f.exists()]
     lora = [
         read_json(f)["lora_params"] for f in sorted((a.expdir / "adapters" / "pqm").glob("*/pqm_adapter.json"))
     ] or [read_json(a.expdir / "sat" / "pqm_adapter.json", "stage 6 (SAT)")["lora_params"]]
@@ -226,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         "test_speakers": sorted(set(speakers.values())),
         "systems": systems,
         **({"test_sets": test_sets} if test_sets else {}),
-        "size_bytes": size["size_bytes"],
+        "size_bytes": {**size["size_bytes"], **nf4_by_kind(size.get("breakdown_bytes")),
+                       **({"adapter": max(f.stat().st_size for f in adapters)} if adapters else {})},
         "params": {"base": size["params"], "lora_per_speaker": max(lora)},
         "stage_seconds": stage_seconds(a.expdir, started),
     }

@@ -77,6 +77,9 @@ def test_results_schema_and_consistency(recipe):
             assert row["errors"] == counted.substitutions + counted.deletions + counted.insertions, (name, speaker)
         assert sum(s["errors"] for s in r["per_speaker"].values()) == r["errors"]
     assert results["size_bytes"]["fp32"] > 4 * results["size_bytes"]["nf4"]
+    size = results["size_bytes"]  # the NF4 file by kind adds up to it; the adapter is one speaker's file
+    assert sum(size["nf4_by_kind"].values()) == size["nf4"] == (exp / "nf4" / "model.safetensors").stat().st_size
+    assert size["adapter"] == (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").stat().st_size
     assert 0 < results["params"]["lora_per_speaker"] < results["params"]["base"]
     assert set(results["stage_seconds"]) == {str(i) for i in range(1, 10)}
     assert "| pqm |" in (exp / "RESULTS.md").read_text()

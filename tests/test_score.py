@@ -90,3 +90,23 @@ def test_speaker_without_adapter_is_marked_not_filled_in(tmp_path):
 
     plot(results, tmp_path / "wer.png")
     assert (tmp_path / "wer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nf4_file_by_kind_in_results(tmp_path):
+    """Stage 5's breakdown, summed by kind, and the adapter's share of the NF4 file, in RESULTS.md."""
+    from pqm.score import nf4_by_kind
+
+    breakdown = {"4-bit weights": 60, "4-bit quantisation state (absmax, code tables)": 10,
+                 "full precision: LayerNorm.weight": 12, "full precision: Linear4bit.bias": 8,
+                 "safetensors header (names, shapes)": 10}
+    kinds = nf4_by_kind(breakdown)["nf4_by_kind"]
+    assert kinds == {"4-bit weights": 60, "4-bit quantisation state": 10, "full precision": 20, "safetensors header": 10}
+    assert nf4_by_kind(None) == {}
+    for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
+        write_hyps(tmp_path / system / "a", {"a-1": "one"}, {"system": system})
+    results = {"corpus": "c", "model": "m", "test_speakers": ["a"],
+               "systems": score(tmp_path, {"a-1": "one"}, {"a-1": "a"}),
+               "size_bytes": {"fp32": 800, "nf4": 100, "nf4_by_kind": kinds, "adapter": 3},
+               "params": {"base": 1000, "lora_per_speaker": 9}}
+    table = markdown(results)
+    assert "full precision 20 bytes (20.0%)" in table and "one speaker's adapter file: 3 bytes (3.00% of" in table
