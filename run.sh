@@ -51,13 +51,13 @@ cmd_backend=local       # local or slurm (see cmd.sh)
 cluster_config=conf/slurm.yaml  # slurm backend: partition, time, memory, CPUs, GPUs per task
 # End of options
 
-cmdline="$0 $*"
+cmdline="$0$(printf " %q" "$@")"  # quoted as typed, so that it can be run again
 . ./local/parse_options.sh
 . ./path.sh
 . ./cmd.sh
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (run.sh:${BASH_LINENO[0]}) $*"; }
-die() { log "ERROR: $*" >&2; exit 1; }
+die() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (run.sh:${BASH_LINENO[0]}) ERROR: $*" >&2; exit 1; }
 need() { [ -e "$1" ] || die "missing $1: run $2 first (./run.sh --stage ${2#stage } --stop-stage ${2#stage } with the options you ran with: ${expdir}/run.cmd)"; }
 check() { [[ "${!1}" =~ ^($2)$ ]] || die "--${1//_/-} ${!1}: $3"; }  # check NAME REGEX ADVICE
 
