@@ -3,8 +3,10 @@
 A family module (``pqm/families/<module>.py``) holds everything the stages
 need to know about one kind of model, as module-level names:
 
-- ``export`` (stage 4: ``python -m pqm.families.<module>`` writes ``<expdir>/fp``,
-  recording the family there with :func:`record`);
+- ``check(a)``, ``prepare(a)``, ``train(a)``: the option check before anything
+  is written, stage 3 (the family's data) and stage 4 (write ``<expdir>/fp``,
+  recording the family there with :func:`record`), run by
+  ``python -m pqm.families {check,prepare,train} --model NAME ...``;
 - ``build_model(fp_dir, device)``: the full-precision model;
 - ``omitted_keys(fp_dir, model)``: state-dict keys the NF4 file can leave out;
 - ``keep_full_precision(embeddings)``: modules NF4 leaves alone;
@@ -17,8 +19,7 @@ need to know about one kind of model, as module-level names:
 - ``text_normaliser(fp_dir, split_digits)``: scoring normalisation (``split_digits``: the corpus's rule);
 - ``log_filter()``: a logging filter for the decoding log, or None.
 
-To add a family: write its module, add one line to :data:`FAMILIES`, and give
-``run.sh --model`` the new name (its stage 4 calls the module).
+To add a family: write its module and add one line to :data:`FAMILIES`.
 """
 
 from __future__ import annotations
