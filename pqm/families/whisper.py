@@ -201,6 +201,17 @@ DECODING = {"temperature": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], "compression_ratio_th
             "logprob_threshold": -1.0, "max_new_tokens": 128, "seed": 0}
 
 
+class _QuietLengthWarning(logging.Filter):
+    """Drop transformers' warning, once per batch, that ``max_new_tokens`` overrides tiny.en's ``max_length``
+    (as :data:`DECODING` means it to: ``max_length`` cannot be unset, ``generate`` then warns of its default)."""
+
+    def filter(self, entry: logging.LogRecord) -> bool:
+        return "seem to have been set. `max_new_tokens` will take precedence" not in entry.getMessage()
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_QuietLengthWarning())
+
+
 class WhisperRecognizer:
     """Decoding with ``generate`` (English, no timestamps, beam search at temperature 0, then
     openai-whisper's temperature fallback: :data:`DECODING`) on ``self.model``, adapted in place."""

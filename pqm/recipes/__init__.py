@@ -51,10 +51,17 @@ def corpus(name: str) -> ModuleType:
     return importlib.import_module(CORPORA[name])
 
 
+def corpus_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of corpus ``name``'s own options (what ``--corpus-opts`` holds); its help is the module's doc."""
+    p = argparse.ArgumentParser(prog=f"--corpus {name} --corpus-opts", add_help=False, description=corpus(name).__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    corpus(name).add_options(p)
+    return p
+
+
 def corpus_options(name: str, datadir: Path, seed: int, opts: str) -> argparse.Namespace:
     """Parse corpus ``name``'s options from the string ``opts`` (shell quoting allowed)."""
-    p = argparse.ArgumentParser(prog=f"--corpus {name} --corpus-opts", add_help=False)
-    corpus(name).add_options(p)
+    p = corpus_parser(name)
     try:
         words = shlex.split(opts)
     except ValueError as e:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pqm.errors import cli, setup_logging
-from pqm.recipes import CORPORA, corpus, corpus_options, download, prepare
+from pqm.recipes import CORPORA, corpus, corpus_options, corpus_parser, download, prepare
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,12 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.help or a.step is None:
         p.print_help()
-        own = argparse.ArgumentParser(prog=f"--corpus {a.corpus} --corpus-opts", add_help=False,
-                                      description=corpus(a.corpus).__doc__,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-        corpus(a.corpus).add_options(own)
         print(f"\n--corpus {a.corpus}:\n")
-        own.print_help()
+        corpus_parser(a.corpus).print_help()
         return
     setup_logging()
     opts = corpus_options(a.corpus, a.datadir, a.seed, a.corpus_opts)
