@@ -22,11 +22,20 @@ TINY_CONFIG = ROOT / "conf" / "tuning" / "train_conformer_tiny.yaml"
 TOKENS = ["<blank>", "<unk>", "eight", "five", "four", "nine", "one", "seven", "six", "three", "two", "zero", "<sos/eos>"]
 
 
+# tests/run.sh runs pytest-xdist workers with --dist loadgroup: each module is one group, so that
+# its module-scoped fixtures (a recipe run) are built once; the modules that start the local Slurm
+# cluster share one group, so that one worker runs it.
+SLURM_GROUP = ("test_recipe.py", "test_slurm.py")
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items) -> None:
-    """Tests that use the local Slurm cluster are the ``slurm`` tier."""
+    """Tests that use the local Slurm cluster are the ``slurm`` tier; every test gets its xdist group."""
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
+        module = item.path.name
+        item.add_marker(pytest.mark.xdist_group("slurm" if module in SLURM_GROUP else module))
 
 
 @pytest.fixture(scope="session")

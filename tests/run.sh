@@ -20,4 +20,5 @@ case "${tier}" in
     *) echo "tests/run.sh: --tier ${tier}: use unit, e2e, slurm or all" >&2; exit 2 ;;
 esac
 . ./path.sh
-exec python -m pytest tests -m "${select}" "$@"
+# Two pytest-xdist workers (PQM_TEST_WORKERS): most of a recipe test is single-threaded Python start-up.
+exec python -m pytest tests -m "${select}" -n "${PQM_TEST_WORKERS:-2}" --dist loadgroup "$@"
