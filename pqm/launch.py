@@ -37,6 +37,11 @@ from pqm.jobs import Result, Task, expand, run_task
 from pqm.slurm import run_slurm
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, cgroups, a test worker's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def local_slots(max_jobs: int, threads: int, cores: int) -> tuple[int, int]:
     """(jobs at once, threads per job) for this machine: jobs x threads <= cores."""
     if threads <= 0:
@@ -46,7 +51,7 @@ def local_slots(max_jobs: int, threads: int, cores: int) -> tuple[int, int]:
 
 def run_local(tasks: list[Task], max_jobs: int, threads: int) -> list[Result]:
     """Run tasks as local processes, bounded by ``max_jobs`` and the cores."""
-    jobs, threads = local_slots(min(max_jobs, len(tasks)), threads, os.cpu_count() or 1)
+    jobs, threads = local_slots(min(max_jobs, len(tasks)), threads, usable_cores())
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return [Result(code) for code in pool.map(lambda t: run_task(t, threads), tasks)]
 
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="local", choices=BACKENDS)
     p.add_argument("--config", type=Path, default=Path("conf/slurm.yaml"), help="cluster config (slurm backend)")
-    p.add_argument("--max-jobs-run", type=int, default=os.cpu_count() or 1, help="local: tasks running at once")
+    p.add_argument("--max-jobs-run", type=int, default=usable_cores(), help="local: tasks running at once")
     p.add_argument("--num-threads", type=int, default=0, help="threads per task (local, 0: cores / running tasks)")
     p.add_argument("--mem", default=None, help="slurm: memory per task, e.g. 4G (local: not enforced)")
     p.add_argument("--gpu", type=int, default=None, help="slurm: GPUs per task (local: not enforced)")

@@ -7,6 +7,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
+
+def _pin_xdist_worker() -> None:
+    """Give each pytest-xdist worker its own share of the cores (inherited by the recipes it starts, whose
+    jobs size their threads by it): two workers each with every core's threads oversubscribe them."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
+    if worker.startswith("gw") and 1 < count <= len(cores):
+        share = len(cores) // count
+        index = int(worker[2:])
+        os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
+
+
+_pin_xdist_worker()  # before torch sizes its thread pool
+
 import pytest
 import torch
 import yaml

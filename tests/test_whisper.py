@@ -120,6 +120,32 @@ def test_embedding_quantisation_is_most_of_the_saving(whisper_run, tmp_path):
     assert "proj_out" in json.loads((tmp_path / "nf4" / "nf4.json").read_text())["config"]["keep_fp"]
 
 
+@pytest.mark.e2e
+def test_decoding_benchmark_reports_stage_8s_hypotheses(whisper_run, tmp_path):
+    """local/benchmark_decode.py decodes as stage 8 does (fp and nf4 give its hypotheses) and reports speed,
+    memory and WER per configuration."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    exp, out = whisper_run["exp"], tmp_path / "bench"
+    cuts = whisper_run["data"] / "manifests" / "fsdd_cuts_eval.jsonl.gz"
+    proc = subprocess.run([sys.executable, "local/benchmark_decode.py", "--expdir", str(exp), "--cuts", str(cuts),
+                           "--max-utts", "2", "--configs", "fp", "nf4", "nf4_lora", "--threads", "1", "--beams", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["config"]: r for r in json.loads((out / "benchmark.json").read_text())}
+    assert set(rows) == {"fp", "nf4", "nf4_lora"} and rows["nf4_lora"]["window"] == "trimmed"
+    for config in ("fp", "nf4"):
+        lines = (exp / "decode" / config / "george" / "text").read_text().splitlines()
+        stage8 = {utt: hyp for utt, _, hyp in (line.partition(" ") for line in lines)}
+        assert rows[config]["hyps"] == {utt: stage8[utt] for utt in rows[config]["hyps"]}
+    for r in rows.values():
+        assert r["clips"] == 2 and r["rtf"] > 0 and r["peak_rss_mb"] > 100 and r["words"] > 0
+    assert "| fsdd | nf4_lora | 1 | 1 | trimmed |" in (out / "benchmark.md").read_text()
+
+
 def test_token_limit_follows_the_audio(whisper_dir, monkeypatch):
     """--whisper-max-tokens-per-second: generate is told ceil(rate x the batch's longest clip) + 8 tokens,
     never more than DECODING's 128."""

@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Decoding speed, memory and WER of a Whisper recipe's models against faster-whisper (CTranslate2).
+
+    pip install -r tools/requirements-benchmark.txt      # faster-whisper: only for this benchmark
+    python local/benchmark_decode.py --expdir exp/speechocean762_whisper \\
+        --cuts data/speechocean762/manifests/speechocean762_cuts_eval.jsonl.gz --max-utts 40
+
+Configurations, each decoding the same clips one at a time (batch 1, as a user
+transcribing files), English, no timestamps, at most 128 new tokens, with
+openai-whisper's temperature fallback (``pqm.families.whisper.DECODING``; the
+same thresholds are given to faster-whisper):
+
+- ``fp``: transformers, float32 (the recipe's ``fp/``), 30 s input window;
+- ``nf4``: the recipe's NF4 base (bitsandbytes), 30 s window;
+- ``nf4_lora``: NF4 + each clip's speaker's ``pqm`` adapter, unmerged (peft),
+  in the window the adapter was trained in (the speaker's SAT adapter where
+  stage 7 kept none, as ``pqm.transcribe`` does);
+- ``ct2_int8``, ``ct2_fp32``: faster-whisper on the same ``fp/`` folder
+  converted with CTranslate2's own converter (``ct2-transformers-converter``,
+  ``--quantization int8`` / ``float32``), 30 s window (faster-whisper pads so).
+
+Each configuration runs in its own process, for every ``--threads`` and
+``--beams``: real-time factor (decoding seconds / audio seconds; not timed:
+model loading, reported apart, and a warm-up clip, one per speaker for pqm's
+configurations, which also loads every speaker's adapter) and the peak
+resident memory of the process. faster-whisper's process never imports
+torch: the parent writes the audio to a ``.npz`` it reads. WER is scored as
+stage 9 scores (the family's normaliser and the corpus's digit rule, jiwer)
+so that speed is never shown without the accuracy it came with. Output: a
+table on stdout, ``<out>/benchmark.md`` and ``benchmark.json`` (``--out``,
+default ``<expdir>/benchmark_decode``). CPU only: GPU runs are not
+implemented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = ("fp", "nf4", "nf4_lora", "ct2_int8", "ct2_fp32")
+CT2_QUANTISATION = {"ct2_int8": "int8", "ct2_fp32": "float32"}
+MAX_NEW_TOKENS = 128
+
+
+def select_cuts(path: Path, max_utts: int):
+    """The first ``max_utts`` utterances of the manifest, speaker by speaker (0: all)."""
+    from lhotse import CutSet
+
+    cuts = sorted(CutSet.from_file(path), key=lambda c: (c.supervisions[0].speaker, c.id))
+    return cuts[:max_utts] if max_utts else cuts
+
+
+def write_audio(cuts, path: Path) -> None:
+    """16 kHz float32 samples of every clip, for the faster-whisper process (which must not import lhotse)."""
+    import numpy as np
+
+    np.savez(path, **{c.id: c.resample(16000).load_audio()[0].astype(np.float32) for c in cuts})
+
+
+def convert(fp_dir: Path, out: Path, quantisation: str) -> Path:
+    """The recipe's ``fp/`` Whisper folder in CTranslate2's format (once)."""
+    if (out / "model.bin").exists():
+        return out
+    converter = shutil.which("ct2-transformers-converter") or str(Path(sys.executable).parent / "ct2-transformers-converter")
+    if not Path(converter).exists():
+        raise SystemExit("ct2-transformers-converter not found: pip install -r tools/requirements-benchmark.txt")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    extra = [f for f in ("tokenizer.json", "preprocessor_config.json") if (fp_dir / f).exists()]
+    subprocess.run([converter, "--model", str(fp_dir), "--output_dir", str(tmp), "--quantization", quantisation,
+                    "--copy_files", *extra], check=True)
+    tmp.rename(out)
+    return out
+
+
+def speaker_adapter(expdir: Path, speaker: str) -> Path:
+    """The adapter ``nf4_lora`` decodes a speaker with: stage 7's, else SAT (as :mod:`pqm.transcribe` does)."""
+    own = expdir / "adapters" / "pqm" / speaker
+    return own if (own / "adapter_model.safetensors").exists() else expdir / "sat"
+
+
+def child_pqm(spec: dict) -> dict:
+    """Decode with the recipe's models (fp, nf4 or nf4 + each speaker's adapter) in this process."""
+    import torch
+
+    from lhotse import CutSet
+
+    from pqm.transcribe import Transcriber
+
+    torch.set_num_threads(spec["threads"])
+    start = time.perf_counter()
+    cuts = list(CutSet.from_file(spec["cuts"]).subset(cut_ids=spec["ids"]))
+    cuts.sort(key=lambda c: spec["ids"].index(c.id))
+    first = {c.supervisions[0].speaker: c for c in reversed(cuts)}  # each speaker's first clip
+    model = Transcriber(Path(spec["expdir"]), beam_size=spec["beam"], quantise=spec["config"] != "fp",
+                        cache=len(first) + 1)
+    model.rec.batch_size = 1
+    load = time.perf_counter() - start
+    adapter = (lambda c: model.adapter_of(c.supervisions[0].speaker)[0]) if spec["config"] == "nf4_lora" \
+        else (lambda c: None)
+    for cut in first.values():  # warm-up, and every speaker's adapter loaded: not timed
+        model.transcribe([cut], adapter(cut))
+    hyps, start = {}, time.perf_counter()
+    for cut in cuts:
+        hyps.update(model.transcribe([cut], adapter(cut)))
+    return {"load_s": load, "decode_s": time.perf_counter() - start, "hyps": hyps}
+
+
+def child_ct2(spec: dict) -> dict:
+    """Decode with faster-whisper in this process (numpy audio; no torch, no lhotse)."""
+    import numpy as np
+    from faster_whisper import WhisperModel
+
+    start = time.perf_counter()
+    model = WhisperModel(spec["ct2_dir"], device="cpu", compute_type=CT2_QUANTISATION[spec["config"]],
+                         cpu_threads=spec["threads"], num_workers=1)
+    load = time.perf_counter() - start
+    audio = np.load(spec["audio"])
+    options = dict(language="en", beam_size=spec["beam"], without_timestamps=True, condition_on_previous_text=False,
+                   vad_filter=False, temperature=spec["temperature"], compression_ratio_threshold=spec["compression"],
+                   log_prob_threshold=spec["logprob"], no_speech_threshold=None, max_new_tokens=MAX_NEW_TOKENS)
+
+    def run(utt: str) -> str:
+        segments, _ = model.transcribe(audio[utt], **options)
+        return " ".join(" ".join(s.text for s in segments).split())
+
+    run(spec["ids"][0])  # warm-up, not timed
+    hyps, start = {}, time.perf_counter()
+    for utt in spec["ids"]:
+        hyps[utt] = run(utt)
+    return {"load_s": load, "decode_s": time.perf_counter() - start, "hyps": hyps}
+
+
+def child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    out = child_ct2(spec) if spec["config"].startswith("ct2") else child_pqm(spec)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def run_config(spec: dict, log: Path) -> dict:
+    """One configuration in a fresh process with ``spec['threads']`` threads; its log goes to ``log``."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=f)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{spec['config']} (threads {spec['threads']}, beam {spec['beam']}) failed: see {log}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| clips | config | threads | beam | window | RTF | x fp speed | peak MB | load s | WER (%) | errors | words |\n"
+            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    fp = {(r["set"], r["threads"], r["beam"]): r["rtf"] for r in rows if r["config"] == "fp"}
+    lines = []
+    for r in rows:
+        base = fp.get((r["set"], r["threads"], r["beam"]))
+        speed = f"{base / r['rtf']:.2f}" if base else "-"
+        lines.append(f"| {r['set']} | {r['config']} | {r['threads']} | {r['beam']} | {r['window']} | {r['rtf']:.3f} | "
+                     f"{speed} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | {r['wer']:.2f} | {r['errors']} | "
+                     f"{r['words']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--expdir", type=Path, required=True, help="a Whisper recipe's experiment folder (stages 4-7 done)")
+    p.add_argument("--cuts", type=Path, nargs="+", required=True, help="evaluation manifests (stage 2's *_cuts_eval)")
+    p.add_argument("--max-utts", type=int, default=40, help="clips per manifest, speaker by speaker (0: all)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--out", type=Path, default=None, help="default: <expdir>/benchmark_decode")
+    a = p.parse_args()
+
+    from pqm.decode import adapter_window
+    from pqm.families import family, family_of
+    from pqm.families.whisper import DECODING
+    from pqm.recipes import split_digits
+    from pqm.score import count_errors
+
+    fp_dir = a.expdir / "fp"
+    if family_of(fp_dir) != "whisper":
+        raise SystemExit(f"{fp_dir}: a Whisper model is needed (faster-whisper runs Whisper only)")
+    if any(c.startswith("ct2") for c in a.configs) and importlib.util.find_spec("faster_whisper") is None:
+        raise SystemExit("faster-whisper is not installed: pip install -r tools/requirements-benchmark.txt")
+    out = a.out or a.expdir / "benchmark_decode"
+    (out / "log").mkdir(parents=True, exist_ok=True)
+    ct2 = {c: convert(fp_dir, out / f"ct2_{q}", q) for c, q in CT2_QUANTISATION.items() if c in a.configs}
+    rows = []
+    for cuts_path in a.cuts:
+        cuts = select_cuts(cuts_path, a.max_utts)
+        name = cuts_path.name.split("_cuts_")[0]
+        audio = out / f"{name}.npz"
+        write_audio(cuts, audio)
+        ids = [c.id for c in cuts]
+        refs = [c.supervisions[0].text for c in cuts]
+        seconds = sum(c.duration for c in cuts)
+        normalise = family(fp_dir).text_normaliser(fp_dir, split_digits(cuts_path.parent))
+        speakers = sorted({c.supervisions[0].speaker for c in cuts})
+        windows = {"nf4_lora": ", ".join(sorted({adapter_window(speaker_adapter(a.expdir, s)) for s in speakers}))}
+        print(f"{name}: {len(cuts)} clips, {seconds:.1f} s of audio, {len(speakers)} speakers", flush=True)
+        for config in a.configs:
+            for threads in a.threads:
+                for beam in a.beams:
+                    spec = {"config": config, "threads": threads, "beam": beam, "expdir": str(a.expdir),
+                            "cuts": str(cuts_path), "ids": ids, "audio": str(audio), "ct2_dir": str(ct2.get(config)),
+                            "temperature": DECODING["temperature"], "compression": DECODING["compression_ratio_threshold"],
+                            "logprob": DECODING["logprob_threshold"]}
+                    r = run_config(spec, out / "log" / f"{name}.{config}.t{threads}.b{beam}.log")
+                    hyps = [r["hyps"][i] for i in ids]
+                    counted = count_errors([normalise(t) for t in refs], [normalise(h) for h in hyps])
+                    counted["wer"] = 100 * counted["errors"] / counted["words"]  # unrounded: the table rounds
+                    row = {"set": name, "config": config, "threads": threads, "beam": beam,
+                           "window": windows.get(config, "padded"), "clips": len(ids), "audio_s": round(seconds, 2),
+                           "rtf": r["decode_s"] / seconds, "load_s": r["load_s"], "peak_rss_mb": r["peak_rss_mb"],
+                           **counted, "hyps": r["hyps"]}
+                    rows.append(row)
+                    print(f"  {config:9s} threads {threads} beam {beam}: RTF {row['rtf']:.3f}, peak "
+                          f"{row['peak_rss_mb']:.0f} MB, WER {row['wer']:.2f}%", flush=True)
+    table = markdown(rows)
+    (out / "benchmark.md").write_text(table)
+    (out / "benchmark.json").write_text(json.dumps(rows, indent=1))
+    print("\n" + table + f"\n(written to {out}/benchmark.md and benchmark.json)")
+
+
+if __name__ == "__main__":
+    child(sys.argv[2]) if sys.argv[1:2] == ["--child"] else main()
