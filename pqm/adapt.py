@@ -341,6 +341,14 @@ def fp_hypotheses(rec, cuts: CutSet, cache: Path, key: dict) -> dict[str, str]:
     return hyps
 
 
+def fp_hypotheses_cache(out: Path, speaker: str | None) -> Path:
+    """Where :func:`fp_hypotheses` are kept: a speaker's beside every system's adapters of that speaker
+    (``adapters/.fp_hyps/<speaker>.json``: ``pqm`` and ``nf4_sa`` decode them once), SAT's beside SAT."""
+    if speaker is None:
+        return out.parent / f".{out.name}.fp_hyps.json"
+    return out.parent / ".fp_hyps" / f"{speaker}.json"
+
+
 def restyled(cuts: CutSet, style: str, hyps: dict[str, str] | None) -> CutSet:
     """The cuts with their transcripts written in ``style`` (:func:`pqm.restyle.restyle`)."""
     def one(cut):
@@ -407,7 +415,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         hyps = None
         if a.target_style == "model":
             rec.set_window("padded")  # the full-precision model reads its 30 s window
-            hyps = fp_hypotheses(rec, cuts, out.parent / f".{out.name}.fp_hyps.json",
+            hyps = fp_hypotheses(rec, cuts, fp_hypotheses_cache(a.out, speaker),
                                  {"fp": file_digest(a.fp_dir / "model.safetensors"), "utterances": key["utterances"]})
         cuts = restyled(cuts, a.target_style, hyps)
         timer.done("restyle the targets")

@@ -93,6 +93,11 @@ def test_whisper_recipe_end_to_end(whisper_run):
         assert ("fallback" in info) == (not kept)
     for system in ("fp", "nf4"):
         assert json.loads((exp / "decode" / system / "george" / "info.json").read_text())["window"] == "padded"
+    # the fp hypotheses behind the restyled targets: decoded by the speaker's first job, read by the second
+    cached = json.loads((exp / "adapters" / ".fp_hyps" / "george.json").read_text())["hyps"]
+    assert len(cached) == 4 and not list((exp / "adapters" / "pqm").glob(".*fp_hyps*"))
+    logs = {system: (exp / "log" / f"adapt_{system}.1.log").read_text() for system in ("pqm", "nf4_sa")}
+    assert "fp hypotheses for the targets" in logs["pqm"] and "fp hypotheses for the targets" not in logs["nf4_sa"]
     meta = json.loads((exp / "sat" / "pqm_adapter.json").read_text())
     assert meta["lora_params"] == results["params"]["lora_per_speaker"]
     config = json.loads((exp / "sat" / "adapter_config.json").read_text())
@@ -121,13 +126,16 @@ def test_embedding_quantisation_is_most_of_the_saving(whisper_run, tmp_path):
 
 
 @pytest.mark.e2e
-def test_decoding_benchmark_reports_stage_8s_hypotheses(whisper_run, tmp_path):
-    """local/benchmark_decode.py decodes as stage 8 does (fp and nf4 give its hypotheses) and reports speed,
-    memory and WER per configuration."""
+def test_decoding_benchmark_decodes_as_transcribe_does(whisper_run, tmp_path):
+    """local/benchmark_decode.py, each configuration in its own process, gives the hypotheses of
+    pqm.transcribe's Transcriber (one clip at a time, as a user's files), and reports speed, memory and WER.
+    (Stage 8 decodes 8 clips at a time: the fallback's sampling then draws for the batch, so a clip that
+    falls back can differ from decoding it alone.)"""
     import subprocess
     import sys
 
     from conftest import ROOT
+    from pqm.transcribe import Transcriber
 
     exp, out = whisper_run["exp"], tmp_path / "bench"
     cuts = whisper_run["data"] / "manifests" / "fsdd_cuts_eval.jsonl.gz"
@@ -137,10 +145,10 @@ def test_decoding_benchmark_reports_stage_8s_hypotheses(whisper_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["config"]: r for r in json.loads((out / "benchmark.json").read_text())}
     assert set(rows) == {"fp", "nf4", "nf4_lora"} and rows["nf4_lora"]["window"] == "trimmed"
+    clips = sorted(CutSet.from_file(cuts), key=lambda c: c.id)[:2]
     for config in ("fp", "nf4"):
-        lines = (exp / "decode" / config / "george" / "text").read_text().splitlines()
-        stage8 = {utt: hyp for utt, _, hyp in (line.partition(" ") for line in lines)}
-        assert rows[config]["hyps"] == {utt: stage8[utt] for utt in rows[config]["hyps"]}
+        model = Transcriber(exp, beam_size=1, quantise=config == "nf4")
+        assert rows[config]["hyps"] == {c.id: model.transcribe([c], None)[c.id] for c in clips}
     for r in rows.values():
         assert r["clips"] == 2 and r["rtf"] > 0 and r["peak_rss_mb"] > 100 and r["words"] > 0
     assert "| fsdd | nf4_lora | 1 | 1 | trimmed |" in (out / "benchmark.md").read_text()
