@@ -19,11 +19,12 @@ same thresholds are given to faster-whisper):
   converted with CTranslate2's own converter (``ct2-transformers-converter``,
   ``--quantization int8`` / ``float32``), 30 s window (faster-whisper pads so).
 
-Each configuration runs in its own process, for every ``--threads`` and
-``--beams``: real-time factor (decoding seconds / audio seconds; not timed:
-model loading, reported apart, and a warm-up clip, one per speaker for pqm's
-configurations, which also loads every speaker's adapter) and the peak
-resident memory of the process. faster-whisper's process never imports
+The clips are spread over the speakers (``--max-utts``: each speaker's first
+clip by id, then each one's second, ...). Each configuration runs in its own
+process, for every ``--threads`` and ``--beams``: real-time factor (decoding
+seconds / audio seconds, after one warm-up clip; model loading and, for
+``nf4_lora``, loading every speaker's adapter beforehand are reported apart)
+and the peak resident memory of the process. faster-whisper's process never imports
 torch: the parent writes the audio to a ``.npz`` it reads. WER is scored as
 stage 9 scores (the family's normaliser and the corpus's digit rule, jiwer)
 so that speed is never shown without the accuracy it came with. Output: a
@@ -51,11 +52,16 @@ MAX_NEW_TOKENS = 128
 
 
 def select_cuts(path: Path, max_utts: int):
-    """The first ``max_utts`` utterances of the manifest, speaker by speaker (0: all)."""
+    """``max_utts`` utterances of the manifest (0: all), spread over its speakers: each speaker's first
+    utterance by id, then each one's second, and so on."""
     from lhotse import CutSet
 
-    cuts = sorted(CutSet.from_file(path), key=lambda c: (c.supervisions[0].speaker, c.id))
-    return cuts[:max_utts] if max_utts else cuts
+    by_speaker: dict[str, list] = {}
+    for cut in sorted(CutSet.from_file(path), key=lambda c: c.id):
+        by_speaker.setdefault(cut.supervisions[0].speaker, []).append(cut)
+    turns = [cuts[i] for i in range(max(map(len, by_speaker.values()))) for _, cuts in sorted(by_speaker.items())
+             if i < len(cuts)]
+    return turns[:max_utts] if max_utts else turns
 
 
 def write_audio(cuts, path: Path) -> None:
@@ -99,19 +105,25 @@ def child_pqm(spec: dict) -> dict:
     start = time.perf_counter()
     cuts = list(CutSet.from_file(spec["cuts"]).subset(cut_ids=spec["ids"]))
     cuts.sort(key=lambda c: spec["ids"].index(c.id))
-    first = {c.supervisions[0].speaker: c for c in reversed(cuts)}  # each speaker's first clip
+    speakers = sorted({c.supervisions[0].speaker for c in cuts})
     model = Transcriber(Path(spec["expdir"]), beam_size=spec["beam"], quantise=spec["config"] != "fp",
-                        cache=len(first) + 1)
+                        cache=len(speakers))
     model.rec.batch_size = 1
     load = time.perf_counter() - start
-    adapter = (lambda c: model.adapter_of(c.supervisions[0].speaker)[0]) if spec["config"] == "nf4_lora" \
-        else (lambda c: None)
-    for cut in first.values():  # warm-up, and every speaker's adapter loaded: not timed
-        model.transcribe([cut], adapter(cut))
+    adapters = {s: model.adapter_of(s)[0] if spec["config"] == "nf4_lora" else None for s in speakers}
+    start = time.perf_counter()
+    for adapter in {a for a in adapters.values() if a is not None}:  # not timed as decoding: reported apart
+        model.preload(adapter)
+    load_adapters = time.perf_counter() - start
+
+    def adapter(cut):
+        return adapters[cut.supervisions[0].speaker]
+
+    model.transcribe([cuts[0]], adapter(cuts[0]))  # warm-up, not timed
     hyps, start = {}, time.perf_counter()
     for cut in cuts:
         hyps.update(model.transcribe([cut], adapter(cut)))
-    return {"load_s": load, "decode_s": time.perf_counter() - start, "hyps": hyps}
+    return {"load_s": load, "adapters_s": load_adapters, "decode_s": time.perf_counter() - start, "hyps": hyps}
 
 
 def child_ct2(spec: dict) -> dict:
@@ -159,16 +171,16 @@ def run_config(spec: dict, log: Path) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| clips | config | threads | beam | window | RTF | x fp speed | peak MB | load s | WER (%) | errors | words |\n"
-            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| clips | config | threads | beam | window | RTF | x fp speed | peak MB | load s | adapters s | WER (%) "
+            "| errors | words |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     fp = {(r["set"], r["threads"], r["beam"]): r["rtf"] for r in rows if r["config"] == "fp"}
     lines = []
     for r in rows:
         base = fp.get((r["set"], r["threads"], r["beam"]))
         speed = f"{base / r['rtf']:.2f}" if base else "-"
         lines.append(f"| {r['set']} | {r['config']} | {r['threads']} | {r['beam']} | {r['window']} | {r['rtf']:.3f} | "
-                     f"{speed} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | {r['wer']:.2f} | {r['errors']} | "
-                     f"{r['words']} |")
+                     f"{speed} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | {r['adapters_s']:.1f} | {r['wer']:.2f} | "
+                     f"{r['errors']} | {r['words']} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -223,7 +235,8 @@ def main() -> None:
                     counted["wer"] = 100 * counted["errors"] / counted["words"]  # unrounded: the table rounds
                     row = {"set": name, "config": config, "threads": threads, "beam": beam,
                            "window": windows.get(config, "padded"), "clips": len(ids), "audio_s": round(seconds, 2),
-                           "rtf": r["decode_s"] / seconds, "load_s": r["load_s"], "peak_rss_mb": r["peak_rss_mb"],
+                           "rtf": r["decode_s"] / seconds, "load_s": r["load_s"], "adapters_s": r.get("adapters_s", 0.0),
+                           "peak_rss_mb": r["peak_rss_mb"],
                            **counted, "hyps": r["hyps"]}
                     rows.append(row)
                     print(f"  {config:9s} threads {threads} beam {beam}: RTF {row['rtf']:.3f}, peak "

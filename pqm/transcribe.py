@@ -136,6 +136,10 @@ class Transcriber:
         self.peft.set_adapter(name)
         return contextlib.nullcontext()
 
+    def preload(self, adapter: Path) -> None:
+        """Load ``adapter`` now (checked against the base; it stays in the cache), not at its first use."""
+        self._activate(adapter)
+
     def transcribe(self, cuts, adapter: Path | None) -> dict[str, str]:
         """``{utterance id: hypothesis}`` with ``adapter`` (None: the bare base), in its trained window."""
         with self._activate(adapter):
