@@ -87,12 +87,6 @@ def convert(fp_dir: Path, out: Path, quantisation: str) -> Path:
     return out
 
 
-def speaker_adapter(expdir: Path, speaker: str) -> Path:
-    """The adapter ``nf4_lora`` decodes a speaker with: stage 7's, else SAT (as :mod:`pqm.transcribe` does)."""
-    own = expdir / "adapters" / "pqm" / speaker
-    return own if (own / "adapter_model.safetensors").exists() else expdir / "sat"
-
-
 def child_pqm(spec: dict) -> dict:
     """Decode with the recipe's models (fp, nf4 or nf4 + each speaker's adapter) in this process."""
     import torch
@@ -123,7 +117,11 @@ def child_pqm(spec: dict) -> dict:
     hyps, start = {}, time.perf_counter()
     for cut in cuts:
         hyps.update(model.transcribe([cut], adapter(cut)))
-    return {"load_s": load, "adapters_s": load_adapters, "decode_s": time.perf_counter() - start, "hyps": hyps}
+    from pqm.decode import adapter_window
+
+    window = ", ".join(sorted({adapter_window(a) for a in adapters.values() if a is not None})) or "padded"
+    return {"load_s": load, "adapters_s": load_adapters, "decode_s": time.perf_counter() - start, "hyps": hyps,
+            "window": window}
 
 
 def child_ct2(spec: dict) -> dict:
@@ -195,7 +193,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="default: <expdir>/benchmark_decode")
     a = p.parse_args()
 
-    from pqm.decode import adapter_window
     from pqm.families import family, family_of
     from pqm.families.whisper import DECODING
     from pqm.recipes import split_digits
@@ -219,8 +216,7 @@ def main() -> None:
         refs = [c.supervisions[0].text for c in cuts]
         seconds = sum(c.duration for c in cuts)
         normalise = family(fp_dir).text_normaliser(fp_dir, split_digits(cuts_path.parent))
-        speakers = sorted({c.supervisions[0].speaker for c in cuts})
-        windows = {"nf4_lora": ", ".join(sorted({adapter_window(speaker_adapter(a.expdir, s)) for s in speakers}))}
+        speakers = {c.supervisions[0].speaker for c in cuts}
         print(f"{name}: {len(cuts)} clips, {seconds:.1f} s of audio, {len(speakers)} speakers", flush=True)
         for config in a.configs:
             for threads in a.threads:
@@ -234,7 +230,7 @@ def main() -> None:
                     counted = count_errors([normalise(t) for t in refs], [normalise(h) for h in hyps])
                     counted["wer"] = 100 * counted["errors"] / counted["words"]  # unrounded: the table rounds
                     row = {"set": name, "config": config, "threads": threads, "beam": beam,
-                           "window": windows.get(config, "padded"), "clips": len(ids), "audio_s": round(seconds, 2),
+                           "window": r.get("window", "padded"), "clips": len(ids), "audio_s": round(seconds, 2),
                            "rtf": r["decode_s"] / seconds, "load_s": r["load_s"], "adapters_s": r.get("adapters_s", 0.0),
                            "peak_rss_mb": r["peak_rss_mb"],
                            **counted, "hyps": r["hyps"]}

@@ -437,8 +437,10 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     n_lora = trainable_params(model)
     logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on "
                  f"{len(train_cuts)} utterances" + (f", {a.holdout} held out" if a.holdout else ""))
-    normaliser = models.text_normaliser(a.fp_dir, split_digits(a.cuts.parent))
-    selection = Selection(held_out_errors(rec, held_out, normaliser) if held_out else None)
+    selection = Selection(None)
+    if held_out:
+        normaliser = models.text_normaliser(a.fp_dir, split_digits(a.cuts.parent))
+        selection = Selection(held_out_errors(rec, held_out, normaliser))
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
     losses = train_adapter(model, train_cuts, models.batch_iterator(a.fp_dir, a.window), a.epochs, a.lr, a.batch_size,
                            a.seed, a.device, checkpoint, ranks, selection, a.lr_schedule, a.warmup_ratio)
