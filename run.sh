@@ -39,12 +39,10 @@ sat_init=zero           # SAT LoRA start: zero (peft's default, B = 0) or svd (t
 sa_epochs=10
 sa_lr=0.001
 sa_lr_schedule=constant # per-speaker lr: constant, or linear (warm-up over 10% of the steps, then linear decay to 0)
-sa_holdout=0            # do no harm: hold out each test speaker's last N adaptation utterances, keep the best epoch
-                        # only if no worse there than the starting adapter (else fall back to it); 0: off
+sa_holdout=0            # do no harm: hold out N adaptation utterances per speaker, keep the best epoch if no worse there (0: off)
 whisper_window=padded   # whisper LoRA training (and the adapted systems' decoding): padded (30 s) or trimmed input
 target_style=corpus     # whisper LoRA targets: corpus (as is), sentence or model (restyled: pqm/restyle.py)
-whisper_max_tokens_per_second=0  # whisper decoding: stop a hypothesis at this many tokens per second of audio + 8
-                        # (a looping one otherwise runs to 128 tokens at each fallback temperature); 0: off
+whisper_max_tokens_per_second=0  # whisper decoding: at most this many tokens per second of audio + 8 (0: 128 tokens)
 beam_size=4
 ctc_weight=0.5          # CTC weight in joint decoding (chosen on the valid set of training speakers)
 cmd_backend=local       # local or slurm (see cmd.sh)
@@ -58,7 +56,6 @@ cmdline="$0$(printf " %q" "$@")"  # quoted as typed, so that it can be run again
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (run.sh:${BASH_LINENO[0]}) $*"; }
 die() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (run.sh:${BASH_LINENO[0]}) ERROR: $*" >&2; exit 1; }
-need() { [ -e "$1" ] || die "missing $1: run $2 first (./run.sh --stage ${2#stage } --stop-stage ${2#stage } with the options you ran with: ${expdir}/run.cmd)"; }
 check() { [[ "${!1}" =~ ^($2)$ ]] || die "--${1//_/-} ${!1}: $3"; }  # check NAME REGEX ADVICE
 
 # Every option is checked before anything is written.
@@ -82,57 +79,37 @@ family_opts=(--model "${model}" --expdir "${expdir}" --datadir "${datadir}" --co
     --token-type "${token_type}" --nbpe "${nbpe}" --train-config "${train_config}" --max-epoch "${max_epoch}"
     --seed "${seed}" --device "${device}" --ngpu "${ngpu}")
 python -m pqm.families check "${family_opts[@]}" || die "--model ${model}: see above"
-if [ "${corpus}" = tedlium3 ] && ! command -v sph2pipe > /dev/null; then
-    export LHOTSE_AUDIO_BACKEND=LibsndfileBackend  # lhotse reads .sph with sph2pipe; else libsndfile reads TED-LIUM's
-fi
+# lhotse reads TED-LIUM's .sph with sph2pipe; without it, with libsndfile
+[ "${corpus}" != tedlium3 ] || command -v sph2pipe > /dev/null || export LHOTSE_AUDIO_BACKEND=LibsndfileBackend
 [ "${sat_nproc}" -gt 0 ] || sat_nproc=$([ "${device}" = cuda ] && echo "${ngpu}" || echo 1)
 mkdir -p "${expdir}/log" "${expdir}/timing" "${expdir}/.done" "${datadir}"
 echo "${cmdline}" >> "${expdir}/run.cmd"
 
-# What each stage's outputs depend on. A done marker records the options of stages 1..N;
-# a stage whose record differs from this run's options is redone (with the later ones).
+# What each stage's outputs depend on: its done marker records them (pqm/stages.py); a stage done with
+# other options is redone, with the later ones.
 stage_inputs=(
     [1]="corpus corpus_opts datadir corpus_inputs" [2]="seed" [3]="model pretrained token_type nbpe train_config"
     [4]="max_epoch" [5]="nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings"
     [6]="lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc sat_init"
     [7]="sa_epochs sa_lr sa_lr_schedule sa_holdout ctc_weight" [8]="beam_size whisper_max_tokens_per_second" [9]=""
 )
-stage_options() { for n in $(seq 1 "$1"); do for v in ${stage_inputs[n]}; do echo "--${v//_/-} ${!v}"; done; done; }
-options_changed() {  # empty when stage $1's done marker records this run's options, else "was ...; now ..."
-    local marker=${expdir}/.done/stage$1 was now
-    [ -s "${marker}" ] || return 0  # no marker, or an empty one (an older pqm's): nothing recorded
-    was=$(diff "${marker}" <(stage_options "$1") | sed -n 's/^< //p' | paste -sd' ') || true
-    now=$(diff "${marker}" <(stage_options "$1") | sed -n 's/^> //p' | paste -sd' ') || true
-    [ -z "${was}${now}" ] || echo "was ${was:-(unset)}; now ${now:-(unset)}"
-}
-for n in $(seq 1 $((stage - 1))); do  # a skipped stage must have been done with this run's options
-    changed=$(options_changed "${n}")
-    [ -z "${changed}" ] || die "stage ${n} was done with other options (${changed}): rerun from there" \
-        "(./run.sh --stage ${n} with these options), or give the options it was run with (${expdir}/run.cmd)"
-done
+stages=(python -m pqm.stages --expdir "${expdir}" --options "$(for n in $(seq 1 9); do
+    for v in ${stage_inputs[n]}; do echo "${n} --${v//_/-} ${!v}"; done; done)")
+"${stages[@]}" check "${stage}" || exit 1
 
-# run_stage N "title" command...: runs a stage unless its done marker exists,
-# logs to ${expdir}/log/stageN.log, records its wall time, invalidates later stages.
+# run_stage N "title" command...: runs a stage unless it is done with these options,
+# logs to ${expdir}/log/stageN.log, records its wall time and options.
 run_stage() {
-    local n=$1 title=$2 changed start=${SECONDS} rc
+    local n=$1 title=$2 start=${SECONDS} rc
     shift 2
     if [ "${stage}" -gt "${n}" ] || [ "${stop_stage}" -lt "${n}" ]; then return 0; fi
-    changed=$(options_changed "${n}")
-    if [ -f "${expdir}/.done/stage${n}" ] && [ -z "${changed}" ]; then
-        log "Stage ${n}: ${title}: already done (remove ${expdir}/.done/stage${n} to redo)"
-        return 0
-    fi
-    [ -z "${changed}" ] || log "Stage ${n}: options changed since it was done (${changed}): redoing it and the later stages"
-    log "Stage ${n}: ${title}"
-    for later in $(seq "${n}" 9); do rm -f "${expdir}/.done/stage${later}"; done
+    "${stages[@]}" begin "${n}" "${title}" || { rc=$?; [ "${rc}" -eq 3 ] && return 0; exit 1; }
     set +e
     ( set -e; "$@" ) 2>&1 | tee "${expdir}/log/stage${n}.log"
     rc=${PIPESTATUS[0]}
     set -e
     [ "${rc}" -eq 0 ] || die "stage ${n} failed; see ${expdir}/log/stage${n}.log"
-    echo $((SECONDS - start)) > "${expdir}/timing/stage${n}.seconds"
-    stage_options "${n}" > "${expdir}/.done/stage${n}"
-    log "Stage ${n} done in $((SECONDS - start)) s"
+    "${stages[@]}" done "${n}" $((SECONDS - start))
 }
 
 manifests=${datadir}/manifests
@@ -147,28 +124,29 @@ opts_nf4=(--fp-dir "${expdir}/fp" --nf4-dir "${expdir}/nf4" --device "${device}"
 opts_lora=("${opts_nf4[@]}" --lora-r "${lora_r}" --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}"
     --seed "${seed}" --window "${whisper_window}" --target-style "${target_style}")
 
-stage7() {  # one job per test speaker and system; a failed speaker stops neither the others nor the other system
-    local n failed="" init
+speaker_jobs() {  # speaker_jobs NAME command...: one job per test speaker, task N for line N of ${speakers}
+    local n
     n=$(python -m pqm.jobs --manifests "${manifests}" --out "${speakers}")
+    log "${1}: ${n} speakers, ${nj} jobs at a time (logs: ${expdir}/log/${1}.*.log)"
+    PQM_TASK_NAMES=${speakers} ${cmd} --max-jobs-run "${nj}" "${thread_opts[@]}" "JOB=1:${n}" "${expdir}/log/${1}.JOB.log" \
+        "${@:2}" --speaker-list "${speakers}" --job JOB
+}
+
+stage7() {  # per-speaker adapters of each system; a failed speaker stops neither the others nor the other system
+    local failed="" init
     for system in pqm nf4_sa; do
         init=(); [ "${system}" = nf4_sa ] || init=(--init "${expdir}/sat")
-        log "per-speaker ${system} adapters for ${n} speakers (logs: ${expdir}/log/adapt_${system}.*.log)"
-        PQM_TASK_NAMES=${speakers} ${cmd} --max-jobs-run "${nj}" "${thread_opts[@]}" "JOB=1:${n}" "${expdir}/log/adapt_${system}.JOB.log" \
-            python -m pqm.adapt "${opts_lora[@]}" "${init[@]}" --cuts "$(cuts adapt)" --speaker-list "${speakers}" --job JOB \
-            --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" --holdout "${sa_holdout}" --ctc-weight "${ctc_weight}" \
-            --out "${expdir}/adapters/${system}" || failed="${failed} ${system}"
+        speaker_jobs "adapt_${system}" python -m pqm.adapt "${opts_lora[@]}" "${init[@]}" --cuts "$(cuts adapt)" \
+            --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" --holdout "${sa_holdout}" \
+            --ctc-weight "${ctc_weight}" --out "${expdir}/adapters/${system}" || failed="${failed} ${system}"
     done
     [ -z "${failed}" ] || die "adaptation failed for some speakers of:${failed} (listed above); rerun stage 7 to redo only those"
 }
 
-stage8() {  # one job per test speaker, every system
-    local n
-    need "${expdir}/adapters/pqm" "stage 7"
-    n=$(python -m pqm.jobs --manifests "${manifests}" --out "${speakers}")
-    log "decoding ${n} speakers with every system (logs: ${expdir}/log/decode.*.log)"
-    PQM_TASK_NAMES=${speakers} ${cmd} --max-jobs-run "${nj}" "${thread_opts[@]}" "JOB=1:${n}" "${expdir}/log/decode.JOB.log" \
-        python -m pqm.decode "${opts_nf4[@]}" --sat-dir "${expdir}/sat" --adapter-dir "${expdir}/adapters" \
-        --cuts "$(cuts eval)" --speaker-list "${speakers}" --job JOB --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" \
+stage8() {  # every system, per test speaker
+    [ -e "${expdir}/adapters/pqm" ] || die "missing ${expdir}/adapters/pqm: run stage 7 first (./run.sh --stage 7 with the options in ${expdir}/run.cmd)"
+    speaker_jobs decode python -m pqm.decode "${opts_nf4[@]}" --sat-dir "${expdir}/sat" --adapter-dir "${expdir}/adapters" \
+        --cuts "$(cuts eval)" --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" \
         --max-tokens-per-second "${whisper_max_tokens_per_second}" --out "${expdir}/decode"
 }
 

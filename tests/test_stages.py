@@ -1,0 +1,70 @@
+"""run.sh's done markers (pqm.stages): skip what is done with these options, redo what is not, refuse a stale start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pqm.errors import BadInput
+from pqm.stages import ALREADY_DONE, Markers, parse_options
+
+OPTIONS = "1 --corpus fsdd\n1 --corpus-opts \n2 --seed 0\n5 --nf4-blocksize 64\n"
+
+
+def markers(tmp_path, options: str = OPTIONS) -> Markers:
+    return Markers(tmp_path, parse_options(options))
+
+
+def test_a_done_stage_records_the_options_of_it_and_the_stages_before(tmp_path):
+    first = markers(tmp_path)
+    assert first.begin(2, "manifests")
+    first.done(2, 7)
+    assert (tmp_path / ".done" / "stage2").read_text() == "--corpus fsdd\n--corpus-opts \n--seed 0\n"
+    assert (tmp_path / "timing" / "stage2.seconds").read_text() == "7\n"
+    assert not markers(tmp_path).begin(2, "manifests")  # the same options: skipped
+
+
+def test_a_changed_option_redoes_the_stage_and_clears_the_later_markers(tmp_path, caplog):
+    done = markers(tmp_path)
+    for n in (2, 5, 6):
+        done.done(n, 1)
+    again = markers(tmp_path, OPTIONS.replace("--seed 0", "--seed 1"))
+    assert again.changed(2) == "was --seed 0; now --seed 1"
+    with caplog.at_level("INFO", logger="run.sh"):
+        assert again.begin(2, "manifests")
+    assert "Stage 2: options changed since it was done (was --seed 0; now --seed 1)" in caplog.text
+    assert not any((tmp_path / ".done" / f"stage{n}").exists() for n in (2, 5, 6))
+
+
+def test_a_stage_before_the_first_done_with_other_options_stops_the_run(tmp_path):
+    markers(tmp_path).done(1, 1)
+    markers(tmp_path).check(2)  # same options: nothing to say
+    stale = markers(tmp_path, OPTIONS.replace("--corpus fsdd", "--corpus custom"))
+    with pytest.raises(BadInput, match=r"stage 1 was done with other options \(was --corpus fsdd; now --corpus custom\)"):
+        stale.check(2)
+    stale.check(1)  # a run that starts at stage 1 redoes it
+
+
+def test_an_empty_marker_of_an_older_pqm_counts_as_done(tmp_path):
+    (tmp_path / ".done").mkdir()
+    (tmp_path / ".done" / "stage1").write_text("")
+    assert markers(tmp_path).changed(1) == ""
+    assert not markers(tmp_path).begin(1, "corpus")
+
+
+def test_malformed_options_are_refused():
+    with pytest.raises(BadInput, match="expected 'N --name value' lines"):
+        parse_options("10 --seed 0")
+    with pytest.raises(BadInput, match="expected 'N --name value' lines"):
+        parse_options("2 seed 0")
+
+
+def test_the_command_line_exits_3_for_a_done_stage(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "pqm.stages", "--expdir", str(tmp_path),  # noqa: E731
+                                        "--options", OPTIONS, *args], capture_output=True, text=True)
+    assert run("begin", "1", "get the corpus").returncode == 0
+    assert run("done", "1", "3").returncode == 0
+    skipped = run("begin", "1", "get the corpus")
+    assert skipped.returncode == ALREADY_DONE and "Stage 1: get the corpus: already done" in skipped.stdout
