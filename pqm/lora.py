@@ -9,8 +9,10 @@ refused.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import bitsandbytes as bnb
 import torch
@@ -113,6 +115,52 @@ def load_adapter(
         model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable)
         return model
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name, is_trainable=trainable)
+
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
+
+class RowAdapters:
+    """Each row of a batch through its own loaded LoRA adapter (``BASE``: none), in one forward pass.
+
+    peft's mixed-adapter batches: its LoRA layers take ``adapter_names``, one per row. peft's own
+    ``generate(adapter_names=...)`` fixes that list for the whole call; here it is set per forward pass
+    from :attr:`names`, the adapters of the rows being decoded now. A layer that sees ``k`` times as many
+    rows (beam search expands each row into ``k`` beams, ``repeat_interleave`` style) repeats each name
+    ``k`` times. A decoder that decodes a sub-batch again (Whisper's temperature fallback) sets
+    :attr:`names` to that sub-batch's adapters first.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.names = list(names)
+        self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True)
+                         for m in model.modules() if isinstance(m, LoraLayer)]
+        if not self._handles:
+            raise BadInput("per-utterance adapters need a model with LoRA layers (load an adapter first)")
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        rows = args[0].shape[0]
+        if not self.names or rows % len(self.names):
+            raise RuntimeError(f"a batch of {rows} rows for {len(self.names)} utterances' adapters")
+        repeat = rows // len(self.names)
+        return args, {**kwargs, "adapter_names": [name for name in self.names for _ in range(repeat)]}
+
+    def __enter__(self) -> "RowAdapters":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def per_row(model: nn.Module, adapters: list[str] | None) -> Iterator[RowAdapters | None]:
+    """:class:`RowAdapters` on ``model`` (names set by the decoder) when ``adapters`` are given, else None."""
+    if adapters is None:
+        yield None
+        return
+    with RowAdapters(model, []) as rows:
+        yield rows
 
 
 def save_adapter(model: PeftModel, out_dir: Path, meta: dict) -> None:

@@ -41,7 +41,7 @@ from pqm.errors import BadInput, check_safe_id, cli, require, setup_logging
 from pqm.families import family
 from pqm.files import ids_digest, read_json
 from pqm.kaldi_table import read_table
-from pqm.lora import check_adapter, load_adapter
+from pqm.lora import BASE, check_adapter, load_adapter
 from pqm.nf4 import to_nf4
 
 SYSTEMS = ("fp", "nf4", "nf4_sat")
@@ -116,10 +116,8 @@ class Transcriber:
             if folder.is_dir() else []
         return {"with_adapter": on_disk, "loaded": [str(p) for p in self.loaded.values()]}
 
-    def _activate(self, adapter: Path | None):
-        """A context in which the model decodes with ``adapter`` (None: the bare base)."""
-        if adapter is None:
-            return self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
+    def _load(self, adapter: Path) -> str:
+        """The peft name of ``adapter``, loaded (checked against the base) if it is not in the cache."""
         if self.base_fingerprint is None:
             raise BadInput("adapters need the NF4 base (this transcriber decodes fp)")
         weights = (adapter / "adapter_model.safetensors").stat()  # a rewritten file is a new adapter; no hashing per request
@@ -133,18 +131,42 @@ class Transcriber:
                                      self.base_fingerprint, name=name)
         self.loaded[name] = adapter
         self.loaded.move_to_end(name)
-        self.peft.set_adapter(name)
-        return contextlib.nullcontext()
+        return name
 
     def preload(self, adapter: Path) -> None:
         """Load ``adapter`` now (checked against the base; it stays in the cache), not at its first use."""
-        self._activate(adapter)
+        self._load(adapter)
 
     def transcribe(self, cuts, adapter: Path | None) -> dict[str, str]:
         """``{utterance id: hypothesis}`` with ``adapter`` (None: the bare base), in its trained window."""
-        with self._activate(adapter):
+        if adapter is None:
+            use = self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
+        else:
+            name = self._load(adapter)
+            self.peft.set_adapter(name)
+            use = contextlib.nullcontext()
+        with use:
             self.rec.set_window(adapter_window(adapter) if adapter is not None else "padded")
             return self.rec.transcribe(list(cuts), desc="transcribe")
+
+    def transcribe_mixed(self, cuts, adapters: list[Path | None]) -> dict[str, str]:
+        """``{utterance id: hypothesis}``, each cut with its own adapter (None: the bare NF4 base) in one batch
+        per input window (:class:`pqm.lora.RowAdapters`): the same hypotheses as :meth:`transcribe` gives
+        each speaker alone, where decoding is deterministic (see ``pqm.serve``)."""
+        cuts, distinct = list(cuts), {a for a in adapters if a is not None}
+        if not distinct:
+            return self.transcribe(cuts, None)
+        if len(distinct) > self.cache:
+            raise BadInput(f"{len(distinct)} adapters in one batch, more than the cache holds ({self.cache})")
+        groups: dict[str, list[int]] = {}
+        for k, adapter in enumerate(adapters):
+            groups.setdefault(adapter_window(adapter) if adapter is not None else "padded", []).append(k)
+        hyps = {}
+        for window, members in groups.items():
+            names = [self._load(adapters[k]) if adapters[k] is not None else BASE for k in members]
+            self.rec.set_window(window)
+            hyps.update(self.rec.transcribe([cuts[k] for k in members], desc="transcribe", adapters=names))
+        return hyps
 
 
 def main(argv: list[str] | None = None) -> None:

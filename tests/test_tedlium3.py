@@ -122,7 +122,7 @@ def test_tedlium3_recipe_with_a_bpe_conformer_end_to_end(fsdd_dir, tmp_path):
     exp, data = tmp_path / "exp", tmp_path / "data"
     proc = run_sh("--corpus", "tedlium3", "--corpus-opts", f"--corpus-dir {corpus} --adapt-per-speaker 3",
                   "--datadir", str(data), "--expdir", str(exp), "--train-config", str(TINY_CONFIG), "--nbpe", "20",
-                  "--max-epoch", "3",
+                  "--max-epoch", "1",
                   "--sat-epochs", "1", "--sa-epochs", "2", "--beam-size", "2", "--nj", "2")
     assert "reading .sph with LibsndfileBackend" in proc.stdout  # no sph2pipe here
     # stage 3: segments written as 16 kHz files ESPnet reads whole, a sentencepiece model and its token list

@@ -135,3 +135,120 @@ def test_http_service(fsdd_dir, tiny_exp):
         asyncio.run(session())
     finally:
         shutil.rmtree(tiny_exp / "adapters" / "pqm" / "dave", ignore_errors=True)
+
+
+def test_mixed_speaker_batch_equals_each_speaker_alone(fsdd_dir, tiny_exp):
+    """One batch of utterances of different speakers, each through its own adapter (or none), in ESPnet's
+    beam search (its beams expand each utterance): every hypothesis is the one decoded with that adapter alone."""
+    model = Transcriber(tiny_exp, beam_size=3)
+    cuts = read_inputs([FSDD / "recordings" / f"{d}_george_{k}.wav" for d, k in ((3, 7), (5, 1), (8, 2), (0, 4))])
+    ann, sat = tiny_exp / "adapters" / "pqm" / "ann", tiny_exp / "sat"
+    adapters = [ann, sat, None, ann]
+    mixed = model.transcribe_mixed(cuts, adapters)
+    alone = {cut.id: model.transcribe([cut], adapter)[cut.id] for cut, adapter in zip(cuts, adapters)}
+    assert mixed == alone
+    assert model.transcribe([cuts[0]], sat) != model.transcribe([cuts[0]], ann)  # the adapters do differ
+    with pytest.raises(BadInput, match="more than the cache holds"):
+        Transcriber(tiny_exp, beam_size=1, cache=1).transcribe_mixed(cuts[:2], [ann, sat])
+
+
+def test_rows_of_a_fallback_sub_batch():
+    """Whisper's fallback decodes a sub-batch of copied rows, maybe padded to the window: found in order."""
+    from pqm.families.whisper import rows_of
+
+    full = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3)
+    full[3] = full[1]  # two equal clips: matched in order
+    assert rows_of(torch.stack([full[1], full[3]]), full) == [1, 3]
+    padded = torch.nn.functional.pad(torch.stack([full[0], full[2]]), (0, 5))
+    assert rows_of(padded, full) == [0, 2]
+    with pytest.raises(RuntimeError, match="not a row of the batch"):
+        rows_of(full[:1] + 1, full)
+
+
+@pytest.mark.e2e
+def test_whisper_mixed_speaker_batch_follows_beams_and_fallback(fsdd_dir, whisper_fp_dir, tmp_path, monkeypatch):
+    """tiny.en in NF4 with two adapters: a mixed batch (beam search: each row expanded into beams) gives each
+    utterance its adapter's hypothesis alone at temperature 0; with the fallback forced, every pass (the batch,
+    then the sub-batch decoded again) sees the adapters of the rows it decodes."""
+    import pqm.families.whisper as whisper
+    from pqm.lora import LoraSettings, add_lora, save_adapter
+    from pqm.nf4 import to_nf4
+    from pqm.quantize import main as quantize
+
+    shutil.copytree(whisper_fp_dir, tmp_path / "fp")
+    quantize(["--fp-dir", str(tmp_path / "fp"), "--out", str(tmp_path / "nf4")])
+    for seed, folder in enumerate(("sat", "adapters/pqm/ann")):
+        model = whisper.build_model(tmp_path / "fp").eval()
+        base_fingerprint = to_nf4(model, tmp_path / "nf4")
+        torch.manual_seed(seed)
+        peft_model = add_lora(model, LoraSettings(r".*decoder.*\.(q_proj|v_proj)"))
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.05)
+        save_adapter(peft_model, tmp_path / folder, {"base_fingerprint": base_fingerprint, "window": "padded"})
+    model = Transcriber(tmp_path, beam_size=2)
+    cuts = read_inputs([FSDD / "recordings" / f"{d}_george_{k}.wav" for d, k in ((3, 7), (5, 1), (8, 2))])
+    adapters = [tmp_path / "adapters" / "pqm" / "ann", tmp_path / "sat", None]
+    monkeypatch.setitem(whisper.DECODING, "temperature", [0.0])
+    alone = {cut.id: model.transcribe([cut], adapter)[cut.id] for cut, adapter in zip(cuts, adapters)}
+    assert len(set(alone.values())) > 1
+    assert model.transcribe_mixed(cuts, adapters) == alone
+
+    seen = []
+    from pqm.lora import RowAdapters
+
+    hook = RowAdapters._hook
+    monkeypatch.setattr(RowAdapters, "_hook", lambda self, m, a, k: (seen.append(list(self.names)), hook(self, m, a, k))[1])
+    monkeypatch.setitem(whisper.DECODING, "temperature", [0.0, 0.5])
+    monkeypatch.setitem(whisper.DECODING, "logprob_threshold", 0.0)  # every hypothesis falls back
+    model.transcribe_mixed(cuts, adapters)
+    names = [model._load(adapters[0]), model._load(adapters[1]), "__base__"]
+    assert seen[0] == names and seen[-1] == names  # the first pass and the fallback's
+
+
+def test_http_requests_that_arrive_together_share_a_batch(fsdd_dir, tiny_exp):
+    """Concurrent requests of different speakers are decoded in one mixed batch, each answered as if alone;
+    a bad request among them gets its own error and the others their answers."""
+    from aiohttp import FormData
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from pqm.serve import make_app
+
+    model = Transcriber(tiny_exp, beam_size=1)
+    wavs = [FSDD / "recordings" / f"{d}_george_{k}.wav" for d, k in ((3, 7), (5, 1), (8, 2))]
+    speakers = ["ann", "bob", None]  # bob has no adapter: SAT
+    expected = [model.transcribe(read_inputs([w]), model.adapter_of(s)[0])[w.stem] for w, s in zip(wavs, speakers)]
+
+    def form(audio: bytes, speaker: str | None) -> FormData:
+        data = FormData()
+        data.add_field("audio", audio, filename="a.wav")
+        if speaker is not None:
+            data.add_field("speaker", speaker)
+        return data
+
+    async def session() -> None:
+        app = make_app(model, max_bytes=200_000, batch_window=0.5, batch_size=8)
+        async with TestClient(TestServer(app)) as client:
+            posts = [client.post("/transcribe", data=form(w.read_bytes(), s)) for w, s in zip(wavs, speakers)]
+            posts.append(client.post("/transcribe", data=form(b"\0" * 1000, "ann")))  # not audio: refused at once
+            replies = await asyncio.gather(*posts)
+            bodies = [await r.json() for r in replies[:3]]
+            assert [b["hypothesis"] for b in bodies] == expected
+            assert [b["system"] for b in bodies] == ["pqm", "nf4_sat (no pqm adapter)", "nf4"]
+            assert all(b["batch"] == 3 for b in bodies)
+            assert replies[3].status == 400
+            # eve's adapter is for another base: the batch fails, then each request is decoded alone
+            replies = await asyncio.gather(*(client.post("/transcribe", data=form(wavs[0].read_bytes(), s))
+                                             for s in ("ann", "eve")))
+            body = await replies[0].json()
+            assert body["hypothesis"] == expected[0] and body["batch"] == 1
+            assert replies[1].status == 400 and "retrain it" in await replies[1].text()
+
+    eve = tiny_exp / "adapters" / "pqm" / "eve"
+    shutil.copytree(tiny_exp / "sat", eve)
+    meta = json.loads((eve / "pqm_adapter.json").read_text())
+    (eve / "pqm_adapter.json").write_text(json.dumps({**meta, "base_fingerprint": "0" * 64}))
+    try:
+        asyncio.run(session())
+    finally:
+        shutil.rmtree(eve)

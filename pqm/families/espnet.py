@@ -141,11 +141,16 @@ class EspnetRecognizer:
         """Whole utterances, whatever the window: only Whisper pads its input to a window."""
 
     def transcribe(self, cuts, desc: str, max_new_tokens: int | None = None,
-                   tokens_per_second: float = 0.0) -> dict[str, str]:
-        """Return ``{utterance id: best hypothesis}`` (the beam search ends by itself: no token limit)."""
+                   tokens_per_second: float = 0.0, adapters: list[str] | None = None) -> dict[str, str]:
+        """Return ``{utterance id: best hypothesis}`` (the beam search ends by itself: no token limit).
+        ``adapters``: the loaded LoRA adapter of each cut (:class:`pqm.lora.RowAdapters`)."""
         hyps = {}
-        with torch.no_grad():
-            for cut in tqdm(at_16k(cuts), desc=desc, unit="utt", mininterval=5):
+        from pqm.lora import per_row  # peft and bitsandbytes: loaded to decode, not to look a family up
+
+        with torch.no_grad(), per_row(self.model, adapters) as rows:
+            for k, cut in enumerate(tqdm(at_16k(cuts), desc=desc, unit="utt", mininterval=5)):
+                if rows is not None:
+                    rows.names = [adapters[k]]  # one utterance at a time: its beams share its adapter
                 nbest = self.s2t(torch.from_numpy(cut.load_audio()[0]))
                 hyps[cut.id] = nbest[0][0] if nbest else ""
         return hyps

@@ -11,6 +11,7 @@ reference and hypothesis with Whisper's English text normaliser.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -227,17 +228,20 @@ class WhisperRecognizer:
         self.window = window
 
     def transcribe(self, cuts: CutSet, desc: str, max_new_tokens: int | None = None,
-                   tokens_per_second: float = 0.0) -> dict[str, str]:
+                   tokens_per_second: float = 0.0, adapters: list[str] | None = None) -> dict[str, str]:
         """Return ``{utterance id: hypothesis}``; ``max_new_tokens`` lowers :data:`DECODING`'s limit, and so
         does ``tokens_per_second`` > 0, to that many tokens per second of the batch's longest clip (+ 8):
-        a hypothesis that loops then stops there instead of at 128 tokens at each fallback temperature."""
+        a hypothesis that loops then stops there instead of at 128 tokens at each fallback temperature.
+        ``adapters``: the loaded LoRA adapter of each cut (:class:`pqm.lora.RowAdapters`), one batch for all."""
         cuts = list(cuts)
         hyps = {}
         opts = {k: v for k, v in DECODING.items() if k != "seed"}
         if max_new_tokens is not None:
             opts["max_new_tokens"] = min(max_new_tokens, opts["max_new_tokens"])
         torch.manual_seed(DECODING["seed"])  # the fallback samples: the same hypotheses on every run
-        with torch.no_grad():
+        from pqm.lora import per_row  # peft and bitsandbytes: loaded to decode, not to look a family up
+
+        with torch.no_grad(), per_row(self.model, adapters) as rows:
             for i in tqdm(range(0, len(cuts), self.batch_size), desc=desc, unit="batch", mininterval=5):
                 batch = cuts[i : i + self.batch_size]
                 limit = dict(opts)
@@ -246,11 +250,46 @@ class WhisperRecognizer:
                     limit["max_new_tokens"] = min(opts["max_new_tokens"], math.ceil(tokens_per_second * longest) + 8)
                 feats = features(self.processor, batch, self.window).to(self.device)
                 set_encoder_window(self.model, feats.shape[-1])  # generate pads to the window it is told
-                out = self.model.generate(input_features=feats, num_beams=self.beam_size,
-                                          return_timestamps=False, **limit)
+                with _following_sub_batches(self.model, rows, feats, (adapters or [])[i : i + self.batch_size]):
+                    out = self.model.generate(input_features=feats, num_beams=self.beam_size,
+                                              return_timestamps=False, **limit)
                 for cut, text in zip(batch, self.processor.batch_decode(out, skip_special_tokens=True)):
                     hyps[cut.id] = " ".join(text.split())
         return hyps
+
+
+def rows_of(sub: torch.Tensor, full: torch.Tensor) -> list[int]:
+    """The rows of ``full`` that ``sub`` holds, in order: a fallback sub-batch keeps the batch's order and copies
+    its rows (``generate`` may pad them to the encoder's window: the frames both have are compared)."""
+    frames = min(sub.shape[-1], full.shape[-1])
+    found, j = [], 0
+    for row in sub:
+        while j < len(full) and not torch.equal(row[..., :frames], full[j, ..., :frames]):
+            j += 1
+        if j == len(full):
+            raise RuntimeError("generate decoded input that is not a row of the batch")
+        found.append(j)
+        j += 1
+    return found
+
+
+@contextlib.contextmanager
+def _following_sub_batches(model: torch.nn.Module, rows, feats: torch.Tensor, names: list[str]) -> Iterator[None]:
+    """While ``generate`` runs: before each encoder pass (the batch, then each temperature fallback's sub-batch)
+    point ``rows`` at the adapters of the rows it encodes."""
+    if rows is None:
+        yield
+        return
+
+    def follow(module, args, kwargs):
+        encoded = kwargs["input_features"] if "input_features" in kwargs else args[0]
+        rows.names = [names[j] for j in rows_of(encoded, feats)]
+
+    handle = model.get_encoder().register_forward_pre_hook(follow, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float) -> WhisperRecognizer:
