@@ -17,10 +17,12 @@ are made by copying real adapters under new names (``bench-NN``: the
 same weights, separate files, so that the server loads each), in a scratch
 copy of the experiment folder whose models are links to the original.
 
-The server decodes one request at a time, each with its own speaker's adapter
-(peft switches the active adapter); batching requests of different speakers
-into one forward pass is not implemented (see ``pqm/serve.py``), so there is
-no mixed-batch column. Output: the table, and ``<out>/benchmark_serve.json``.
+Each speaker count runs twice: requests decoded one at a time
+(``--batch-window-ms 0``), and requests that arrive within the batching window
+decoded together in mixed-speaker batches (each row through its own adapter);
+the table gives both, the mean batch size, and how many answers of the batched
+run equal the one-at-a-time run's answer to the same request. Output: the
+table, and ``<out>/benchmark_serve.json``.
 """
 
 from __future__ import annotations
@@ -76,16 +78,17 @@ def scratch_expdir(expdir: Path, tmp: Path, speakers: list[str], n: int) -> list
     return out
 
 
-async def load(port: int, jobs: list[tuple[str, bytes]], concurrency: int) -> list[float]:
-    """Send every (speaker, audio) request, ``concurrency`` at a time; latencies in seconds."""
+async def load(port: int, jobs: list[tuple[str, bytes]], concurrency: int) -> tuple[list[float], list[dict]]:
+    """Send every (speaker, audio) request, ``concurrency`` at a time; latencies in seconds, and the answers."""
     latencies: list[float] = []
+    answers: list[dict] = [{} for _ in jobs]
     queue: asyncio.Queue = asyncio.Queue()
-    for job in jobs:
+    for job in enumerate(jobs):
         queue.put_nowait(job)
 
     async def client(session: ClientSession) -> None:
         while not queue.empty():
-            speaker, audio = queue.get_nowait()
+            index, (speaker, audio) = queue.get_nowait()
             form = FormData()
             form.add_field("audio", audio, filename="clip.wav")
             form.add_field("speaker", speaker)
@@ -95,10 +98,11 @@ async def load(port: int, jobs: list[tuple[str, bytes]], concurrency: int) -> li
                 if reply.status != 200 or body["system"] != "pqm":
                     raise SystemExit(f"request for {speaker}: HTTP {reply.status}, {body}")
             latencies.append(time.perf_counter() - start)
+            answers[index] = body
 
     async with ClientSession() as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
-    return latencies
+    return latencies, answers
 
 
 def wait_healthy(port: int, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:
@@ -119,7 +123,7 @@ def wait_healthy(port: int, server: subprocess.Popen, log: Path, timeout: float 
     raise SystemExit(f"the server did not answer /health in {timeout} s: see {log}")
 
 
-def run_one(a: argparse.Namespace, clips: dict[str, list], n: int, out: Path) -> dict:
+def run_one(a: argparse.Namespace, clips: dict[str, list], n: int, window_ms: float, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="pqm-serve-bench-") as tmp:
         served = scratch_expdir(a.expdir, Path(tmp), sorted(clips), n)
         jobs, seconds = [], 0.0
@@ -128,15 +132,16 @@ def run_one(a: argparse.Namespace, clips: dict[str, list], n: int, out: Path) ->
             cut = clips[real][(i // n) % len(clips[real])]
             jobs.append((name, wav_bytes(cut)))
             seconds += cut.duration
-        port, log = free_port(), out / f"server.{n}.log"
+        port, log = free_port(), out / f"server.{n}.{'batched' if window_ms else 'one'}.log"
         with open(log, "w") as f:
             server = subprocess.Popen([sys.executable, "-m", "pqm.serve", "--expdir", tmp, "--port", str(port),
-                                       "--cache", str(a.cache)], stdout=f, stderr=subprocess.STDOUT)
+                                       "--cache", str(a.cache), "--batch-window-ms", str(window_ms),
+                                       "--batch-size", str(a.batch_size)], stdout=f, stderr=subprocess.STDOUT)
         try:
             wait_healthy(port, server, log)
             base = rss_mb(server.pid)["now"]
             start = time.perf_counter()
-            latencies = asyncio.run(load(port, jobs, a.concurrency))
+            latencies, answers = asyncio.run(load(port, jobs, a.concurrency))
             wall = time.perf_counter() - start
             memory = rss_mb(server.pid)
         finally:
@@ -144,7 +149,9 @@ def run_one(a: argparse.Namespace, clips: dict[str, list], n: int, out: Path) ->
             server.wait(timeout=120)
     loaded = min(n, a.cache)
     quantiles = statistics.quantiles(latencies, n=20)
-    return {"speakers": n, "requests": a.requests, "concurrency": a.concurrency, "audio_s": round(seconds, 2),
+    return {"speakers": n, "batch_window_ms": window_ms, "mean_batch": statistics.mean(x["batch"] for x in answers),
+            "hypotheses": [x["hypothesis"] for x in answers],
+            "requests": a.requests, "concurrency": a.concurrency, "audio_s": round(seconds, 2),
             "wall_s": round(wall, 2), "audio_s_per_s": seconds / wall, "p50_s": statistics.median(latencies),
             "p95_s": quantiles[18], "base_mb": base, "end_mb": memory["now"], "peak_mb": memory["peak"],
             "adapters_loaded": loaded, "mb_per_adapter": (memory["now"] - base) / loaded}
@@ -156,7 +163,9 @@ def main() -> None:
     p.add_argument("--cuts", type=Path, required=True, help="evaluation cuts of the adapted speakers")
     p.add_argument("--speakers", type=int, nargs="+", default=[1, 4, 16, 64], help="distinct speakers per run")
     p.add_argument("--requests", type=int, default=64, help="requests per run")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    p.add_argument("--batch-window-ms", type=float, default=20.0, help="the batched runs' window")
+    p.add_argument("--batch-size", type=int, default=8, help="the batched runs' largest batch")
     p.add_argument("--cache", type=int, default=64, help="the server's --cache (adapters kept in memory)")
     p.add_argument("--out", type=Path, default=None, help="default: <expdir>/benchmark_serve")
     a = p.parse_args()
@@ -171,18 +180,24 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in a.speakers:
-        rows.append(run_one(a, clips, n, out))
-        r = rows[-1]
-        print(f"{n:3d} speakers: {r['audio_s_per_s']:.2f} audio s/s, p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, "
-              f"memory {r['base_mb']:.0f} MB base, {r['end_mb']:.0f} MB end ({r['mb_per_adapter']:.1f} MB per "
-              f"adapter, {r['adapters_loaded']} loaded)", flush=True)
+        for window_ms in (0.0, a.batch_window_ms):
+            rows.append(run_one(a, clips, n, window_ms, out))
+            r = rows[-1]
+            r["same_as_one_at_a_time"] = sum(x == y for x, y in zip(r["hypotheses"], rows[-2]["hypotheses"])) \
+                if window_ms else a.requests
+            print(f"{n:3d} speakers, {'batched' if window_ms else 'one at a time'}: {r['audio_s_per_s']:.2f} audio s/s, "
+                  f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, mean batch {r['mean_batch']:.1f}, memory "
+                  f"{r['base_mb']:.0f} MB base, {r['end_mb']:.0f} MB end ({r['mb_per_adapter']:.1f} MB per adapter, "
+                  f"{r['adapters_loaded']} loaded)", flush=True)
     (out / "benchmark_serve.json").write_text(json.dumps(rows, indent=1))
-    print("\n| speakers | requests | in flight | audio s / s | p50 s | p95 s | base MB | end MB | MB per adapter |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    single = {r["batch_window_ms"]: r["audio_s_per_s"] for r in rows if r["speakers"] == min(a.speakers)}
+    print("\n| speakers | batching | mean batch | audio s / s | vs 1 speaker | p50 s | p95 s | answers as one at a time "
+          "| base MB | end MB | MB per adapter |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['speakers']} | {r['requests']} | {r['concurrency']} | {r['audio_s_per_s']:.2f} | {r['p50_s']:.2f} | "
-              f"{r['p95_s']:.2f} | {r['base_mb']:.0f} | {r['end_mb']:.0f} | {r['mb_per_adapter']:.1f} |")
-
+        print(f"| {r['speakers']} | {'mixed, ' + str(r['batch_window_ms']) + ' ms' if r['batch_window_ms'] else 'none'} | "
+              f"{r['mean_batch']:.1f} | {r['audio_s_per_s']:.2f} | {r['audio_s_per_s'] / single[r['batch_window_ms']]:.0%} | "
+              f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['same_as_one_at_a_time']}/{r['requests']} | {r['base_mb']:.0f} | "
+              f"{r['end_mb']:.0f} | {r['mb_per_adapter']:.1f} |")
 
 if __name__ == "__main__":
     main()
