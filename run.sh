@@ -39,6 +39,8 @@ sat_init=zero           # SAT LoRA start: zero (peft's default, B = 0) or svd (t
 sa_epochs=10
 sa_lr=0.001
 sa_lr_schedule=constant # per-speaker lr: constant, or linear (warm-up over 10% of the steps, then linear decay to 0)
+unsup=false             # also pqm_unsup: per-speaker LoRA from SAT on nf4_sat's own hypotheses (transcripts unread)
+unsup_keep=0.7          # pqm_unsup: the fraction of those hypotheses kept as targets, the most confident
 sa_holdout=0            # do no harm: hold out N adaptation utterances per speaker, keep the best epoch if no worse there (0: off)
 whisper_window=padded   # whisper LoRA training (and the adapted systems' decoding): padded (30 s) or trimmed input
 target_style=corpus     # whisper LoRA targets: corpus (as is), sentence or model (restyled: pqm/restyle.py)
@@ -63,7 +65,8 @@ for opt in stage stop_stage; do check "${opt}" "[1-9]" "stages are 1..9"; done
 for opt in nj ngpu sat_epochs sa_epochs lora_r lora_alpha beam_size; do check "${opt}" "[1-9][0-9]*" "a positive integer is needed"; done
 for opt in threads sat_nproc sa_holdout; do check "${opt}" "[0-9]+" "a number >= 0 is needed"; done
 check whisper_max_tokens_per_second "[0-9]+([.][0-9]+)?" "a number >= 0 is needed"
-for opt in nf4_double_quant nf4_embeddings; do check "${opt}" "true|false" "use true or false"; done
+check unsup_keep "0?[.][0-9]*[1-9][0-9]*|1|1[.]0*" "a fraction in (0, 1] is needed"
+for opt in nf4_double_quant nf4_embeddings unsup; do check "${opt}" "true|false" "use true or false"; done
 check whisper_window "padded|trimmed" "use padded or trimmed"
 check target_style "corpus|sentence|model" "use corpus, sentence or model"
 check sat_init "zero|svd" "use zero or svd"
@@ -91,7 +94,7 @@ stage_inputs=(
     [1]="corpus corpus_opts datadir corpus_inputs" [2]="seed" [3]="model pretrained token_type nbpe train_config"
     [4]="max_epoch" [5]="nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings"
     [6]="lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc sat_init"
-    [7]="sa_epochs sa_lr sa_lr_schedule sa_holdout ctc_weight" [8]="beam_size whisper_max_tokens_per_second" [9]=""
+    [7]="sa_epochs sa_lr sa_lr_schedule sa_holdout ctc_weight unsup unsup_keep" [8]="beam_size whisper_max_tokens_per_second" [9]=""
 )
 stages=(python -m pqm.stages --expdir "${expdir}" --options "$(for n in $(seq 1 9); do
     for v in ${stage_inputs[n]}; do echo "${n} --${v//_/-} ${!v}"; done; done)")
@@ -132,12 +135,15 @@ speaker_jobs() {  # speaker_jobs NAME command...: one job per test speaker, task
         "${@:2}" --speaker-list "${speakers}" --job JOB
 }
 
+systems=(fp nf4 nf4_sat nf4_sa pqm); [ "${unsup}" = false ] || systems+=(pqm_unsup)
 stage7() {  # per-speaker adapters of each system; a failed speaker stops neither the others nor the other system
     local failed="" init
-    for system in pqm nf4_sa; do
-        init=(); [ "${system}" = nf4_sa ] || init=(--init "${expdir}/sat")
+    for system in "${systems[@]:3}"; do
+        init=(--init "${expdir}/sat" --holdout "${sa_holdout}")
+        [ "${system}" != nf4_sa ] || init=(--holdout "${sa_holdout}")
+        [ "${system}" != pqm_unsup ] || init=(--init "${expdir}/sat" --targets pseudo --pseudo-keep "${unsup_keep}")
         speaker_jobs "adapt_${system}" python -m pqm.adapt "${opts_lora[@]}" "${init[@]}" --cuts "$(cuts adapt)" \
-            --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" --holdout "${sa_holdout}" \
+            --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" \
             --ctc-weight "${ctc_weight}" --out "${expdir}/adapters/${system}" || failed="${failed} ${system}"
     done
     [ -z "${failed}" ] || die "adaptation failed for some speakers of:${failed} (listed above); rerun stage 7 to redo only those"
@@ -146,7 +152,7 @@ stage7() {  # per-speaker adapters of each system; a failed speaker stops neithe
 stage8() {  # every system, per test speaker
     [ -e "${expdir}/adapters/pqm" ] || die "missing ${expdir}/adapters/pqm: run stage 7 first (./run.sh --stage 7 with the options in ${expdir}/run.cmd)"
     speaker_jobs decode python -m pqm.decode "${opts_nf4[@]}" --sat-dir "${expdir}/sat" --adapter-dir "${expdir}/adapters" \
-        --cuts "$(cuts eval)" --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" \
+        --cuts "$(cuts eval)" --systems "${systems[@]}" --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" \
         --max-tokens-per-second "${whisper_max_tokens_per_second}" --out "${expdir}/decode"
 }
 

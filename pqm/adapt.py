@@ -18,6 +18,8 @@ or ``fallback.json`` records the errors of every epoch.
 Targets (``--target-style``, Whisper): references restyled into the model's
 own writing (``pqm.restyle``), with the full-precision model's hypotheses of
 the training utterances (greedy, 30 s window) where the style needs them.
+``--targets pseudo`` (``pqm_unsup``) never reads the transcripts: the targets
+are the starting model's own most confident hypotheses (``pqm.pseudo_labels``).
 
 Training state is checkpointed after every epoch (``.<out>.checkpoint``), so a
 killed job resumes where it stopped; an adapter already trained with the same
@@ -45,7 +47,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from lhotse import CutSet
-from lhotse.utils import fastcopy
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
@@ -60,6 +61,7 @@ from pqm.lora import (INITS, META, LoraSettings, add_lora, init_from_quantisatio
                       save_adapter, trainable_params)
 from pqm.nf4 import count_params, to_nf4
 from pqm.recipes import split_digits
+from pqm.pseudo_labels import pseudo_labelled, with_text
 from pqm.restyle import STYLES, restyle
 from pqm.score import count_errors
 
@@ -118,6 +120,7 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         "lora_alpha": a.lora_alpha, "lora_dropout": a.lora_dropout, "lora_targets": a.lora_targets,
         "world_size": world_size, "window": a.window, "target_style": a.target_style, "holdout": a.holdout,
         "lora_init": None if a.init else a.lora_init,
+        **({"targets": "pseudo", "pseudo_keep": a.pseudo_keep} if a.targets == "pseudo" else {}),
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
     }
 
@@ -312,6 +315,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="Whisper input: the 30 s window, or only the batch's longest clip (pqm.families.whisper.features)")
     p.add_argument("--target-style", default="corpus", choices=STYLES,
                    help="Whisper targets: the references as they are, or restyled (pqm.restyle)")
+    p.add_argument("--targets", default="transcripts", choices=("transcripts", "pseudo"),
+                   help="pseudo: the starting adapter's own hypotheses of the audio, transcripts unread (pqm_unsup)")
+    p.add_argument("--pseudo-keep", type=float, default=0.7,
+                   help="--targets pseudo: the fraction of hypotheses kept, the most confident (lowest loss)")
     p.add_argument("--holdout", type=int, default=0,
                    help="do no harm: hold out the speaker's last N utterances and keep the best epoch only "
                         "if it is no worse there than the starting adapter (0: off)")
@@ -322,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: a positive number is needed")
     if a.holdout < 0 or a.lr <= 0:
         p.error("--holdout must be >= 0 and --lr > 0")
+    if a.targets == "pseudo" and (a.init is None or a.holdout or not 0 < a.pseudo_keep <= 1):
+        p.error("--targets pseudo needs --init (the adapter whose hypotheses are the targets), --holdout 0 (the "
+                "held-out rule counts errors against transcripts) and --pseudo-keep in (0, 1]")
     setup_logging()
     a.lora_targets = a.lora_targets or family(a.fp_dir).DEFAULT_TARGETS
     ranks, a.device = init_distributed(a.device)
@@ -352,8 +362,7 @@ def fp_hypotheses_cache(out: Path, speaker: str | None) -> Path:
 def restyled(cuts: CutSet, style: str, hyps: dict[str, str] | None) -> CutSet:
     """The cuts with their transcripts written in ``style`` (:func:`pqm.restyle.restyle`)."""
     def one(cut):
-        text = restyle(cut.supervisions[0].text or "", (hyps or {}).get(cut.id), style)
-        return cut.map_supervisions(lambda sup: fastcopy(sup, text=text))
+        return with_text(cut, restyle(cut.supervisions[0].text or "", (hyps or {}).get(cut.id), style))
 
     out = cuts.map(one).to_eager()
     for cut in list(out)[:3]:
@@ -411,7 +420,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     model = rec.model
     base_params = count_params(model)
     timer.done("load the model")
-    if a.target_style != "corpus":
+    if a.target_style != "corpus" and a.targets == "transcripts":
         hyps = None
         if a.target_style == "model":
             rec.set_window("padded")  # the full-precision model reads its 30 s window
@@ -429,6 +438,17 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         model = load_adapter(model, a.init, base_fingerprint, trainable=True)
     else:
         model = add_lora(model, LoraSettings(a.lora_targets, a.lora_r, a.lora_alpha, a.lora_dropout))
+    if a.targets == "pseudo":
+        train_cuts, pseudo = pseudo_labelled(rec, cuts, models.batch_iterator(a.fp_dir, a.window), a.pseudo_keep,
+                                             a.device)
+        timer.done("pseudo-labels")
+        if len(train_cuts) == 0 and ranks.main:
+            reason = f"no hypothesis of the {len(cuts)} adaptation utterances can be a target (empty or unencodable)"
+            logging.warning(f"speaker {speaker}: {reason}; keeping the starting point (see {out}/fallback.json)")
+            write_json(out / "fallback.json", {"speaker": speaker, "reason": reason, "run_key": key,
+                                                "pseudo_labels": pseudo})
+        if len(train_cuts) == 0:
+            return
     if fp_weights is not None:
         share = init_from_quantisation_error(model, fp_weights)
         logging.info(f"LoRA started from the SVD of the quantisation error: {100 * share:.1f}% of its energy removed")
@@ -454,6 +474,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         "loss_per_epoch": losses, "lora_params": n_lora, "base_params": base_params, "window": a.window,
         "target_style": a.target_style, "world_size": ranks.world_size, "run_key": key,
     }
+    if a.targets == "pseudo":
+        meta.update(targets="pseudo", pseudo_labels=pseudo)
     if selection.errors:
         best = selection.best_epoch
         meta.update(held_out={"utterances": a.holdout, "words": selection.words, "errors_per_epoch": selection.errors},

@@ -2,8 +2,9 @@
 
 Systems, in the order they are built on one model object:
 ``fp`` (full precision), ``nf4`` (quantised), ``nf4_sat`` (+ SAT LoRA),
-``nf4_sa`` (+ per-speaker LoRA trained from scratch) and ``pqm`` (+ per-speaker
-LoRA started from SAT). Decoding is ESPnet's beam search (``Speech2Text``) for
+``nf4_sa`` (+ per-speaker LoRA trained from scratch), ``pqm`` (+ per-speaker
+LoRA started from SAT) and, when asked for, ``pqm_unsup`` (the same, trained on
+``nf4_sat``'s own hypotheses instead of transcripts). Decoding is ESPnet's beam search (``Speech2Text``) for
 a Conformer and ``generate`` for Whisper (each family's ``recognizer``, :mod:`pqm.families`).
 Hypotheses go to ``<out>/<system>/<speaker>/text`` (Kaldi ``text`` format),
 and ``<out>/<system>/<speaker>/info.json`` records any fallback and the
@@ -29,7 +30,9 @@ from pqm.jobs import add_speaker_options, job_speaker
 from pqm.lora import META, load_adapter
 from pqm.nf4 import to_nf4
 
-SYSTEMS = ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm")
+SYSTEMS = ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "pqm_unsup")
+DEFAULT_SYSTEMS = SYSTEMS[:5]  # pqm_unsup only with stage 7's --unsup
+PER_SPEAKER = {"nf4_sa": "nf4", "pqm": "nf4_sat", "pqm_unsup": "nf4_sat"}  # per-speaker systems -> their fallback
 
 
 def write_hyps(out: Path, hyps: dict[str, str] | None, info: dict) -> None:
@@ -58,7 +61,8 @@ def run_key(a: argparse.Namespace, tag: str, cuts: CutSet) -> dict:
         "fp": file_digest(require(a.fp_dir / "model.safetensors", "stage 4")),
         "nf4": read_json(a.nf4_dir / "nf4.json", "stage 5")["fingerprint"],
         "sat": _adapter_digest(a.sat_dir),
-        **{system: _adapter_digest(a.adapter_dir / system / tag) for system in ("nf4_sa", "pqm")},
+        **{system: _adapter_digest(a.adapter_dir / system / tag) for system in PER_SPEAKER
+           if system in DEFAULT_SYSTEMS or system in a.systems},
         "utterances": ids_digest(c.id for c in cuts),
         "beam_size": a.beam_size, "ctc_weight": a.ctc_weight, **family(a.fp_dir).DECODING,
         **({"max_tokens_per_second": a.max_tokens_per_second} if a.max_tokens_per_second else {}),
@@ -81,11 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nf4-dir", type=Path, required=True)
     p.add_argument("--sat-dir", type=Path, required=True, help="SAT adapter (stage 6)")
     p.add_argument("--adapter-dir", type=Path, required=True,
-                   help="per-speaker adapters: <dir>/{pqm,nf4_sa}/<speaker> (stage 7)")
+                   help="per-speaker adapters: <dir>/{pqm,nf4_sa,pqm_unsup}/<speaker> (stage 7)")
     p.add_argument("--cuts", type=Path, required=True, help="evaluation cuts")
     p.add_argument("--out", type=Path, required=True)
     add_speaker_options(p, "decode")
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS), choices=SYSTEMS)
     p.add_argument("--beam-size", type=int, default=4)
     p.add_argument("--ctc-weight", type=float, default=0.5)
     p.add_argument("--max-tokens-per-second", type=float, default=0.0,
@@ -123,10 +127,10 @@ def main(argv: list[str] | None = None) -> None:
             peft_model = load_adapter(rec.model, a.sat_dir, base_fingerprint, name="sat")
             peft_model.set_adapter("sat")
             window = adapter_window(a.sat_dir)
-        elif system in ("nf4_sa", "pqm"):
+        elif system in PER_SPEAKER:
             adapter = a.adapter_dir / system / tag
             if (adapter / "fallback.json").exists():  # no adaptation data, or adapting did harm on held-out speech
-                fallback = "nf4_sat" if system == "pqm" else "nf4"
+                fallback = PER_SPEAKER[system]
                 reason = read_json(adapter / "fallback.json").get("reason", "")
                 logging.warning(f"{system}/{tag}: decoding with {fallback} instead ({reason})")
                 info["fallback"] = fallback

@@ -15,7 +15,7 @@ from typing import Callable
 import jiwer
 from lhotse import CutSet
 
-from pqm.decode import SYSTEMS
+from pqm.decode import DEFAULT_SYSTEMS, SYSTEMS
 from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import FAMILIES, family
 from pqm.files import atomic_path, read_json, write_json, write_text
@@ -44,6 +44,8 @@ def score(decode_dir: Path, refs: dict[str, str], speakers: dict[str, str],
     """
     systems = {}
     for system in SYSTEMS:
+        if system not in DEFAULT_SYSTEMS and not (decode_dir / system).is_dir():
+            continue  # an optional system (pqm_unsup) this run did not have
         per_speaker, all_refs, all_hyps, fallbacks, missing = {}, [], [], {}, {}
         for spk in sorted(set(speakers.values())):
             spk_dir = decode_dir / system / spk

@@ -118,3 +118,33 @@ def test_distributed_sat_on_two_gloo_processes(setup, tmp_path):
     assert meta["world_size"] == 2
     losses = meta["loss_per_epoch"]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+
+@pytest.mark.e2e
+def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path):
+    """pqm_unsup: the targets are the starting adapter's own hypotheses, the most confident half kept; with
+    every transcript replaced the adapter is the same, bit for bit."""
+    from lhotse import CutSet
+
+    from pqm.pseudo_labels import with_text
+
+    tmp, _ = setup
+    subprocess.run(_cmd(setup, tmp_path / "init", 1), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    scrambled = tmp_path / "scrambled.jsonl.gz"
+    CutSet.from_cuts(with_text(c, "nine nine nine") for c in CutSet.from_file(
+        tmp / "manifests" / "fsdd_cuts_adapt.jsonl.gz")).to_file(scrambled)
+    pseudo = ("--init", str(tmp_path / "init"), "--targets", "pseudo", "--pseudo-keep", "0.5")
+    for out, extra in (("a", ()), ("b", ("--cuts", str(scrambled)))):
+        subprocess.run(_cmd(setup, tmp_path / out, 1, *pseudo, *extra), cwd=ROOT, env=ENV, check=True,
+                       capture_output=True)
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "a" / "pqm_adapter.json").read_text())
+    report = meta["pseudo_labels"]
+    kept = [r for r in report.values() if r["kept"]]
+    assert meta["targets"] == "pseudo" and meta["utterances"] == len(kept) == round(len(report) / 2)
+    assert max(r["loss"] for r in kept) <= min(r["loss"] for r in report.values() if not r["kept"] and r["loss"])
+    refused = subprocess.run(_cmd(setup, tmp_path / "c", 1, "--targets", "pseudo"), cwd=ROOT, env=ENV,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "--targets pseudo needs --init" in refused.stderr
