@@ -7,7 +7,8 @@ Endpoints:
 
 - ``POST /transcribe``: multipart form with ``audio`` (a file libsndfile reads)
   and optionally ``speaker``; returns JSON (speaker, system, hypothesis,
-  seconds). A speaker without an adapter is served by the SAT adapter and the
+  seconds from arrival to answer, ``batch``: requests decoded together,
+  ``decode_seconds``: that batch's decoding). A speaker without an adapter is served by the SAT adapter and the
   ``system`` field says so. Bad input gets a 4xx with the reason, and the
   server keeps serving: not audio or empty audio (400), audio longer than the
   model reads (413), a body over ``--max-mb`` (413), an unsafe speaker id (400).
