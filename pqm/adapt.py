@@ -439,8 +439,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     else:
         model = add_lora(model, LoraSettings(a.lora_targets, a.lora_r, a.lora_alpha, a.lora_dropout))
     if a.targets == "pseudo":
-        train_cuts, pseudo = pseudo_labelled(rec, cuts, models.batch_iterator(a.fp_dir, a.window), a.pseudo_keep,
-                                             a.device)
+        train_cuts, pseudo = pseudo_labelled(rec, cuts, models.batch_iterator(a.fp_dir, a.window), models.token_loss,
+                                             a.pseudo_keep, a.device)
         timer.done("pseudo-labels")
         if len(train_cuts) == 0 and ranks.main:
             reason = f"no hypothesis of the {len(cuts)} adaptation utterances can be a target (empty or unencodable)"

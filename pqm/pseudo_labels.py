@@ -3,7 +3,7 @@
 The speaker's adaptation audio is decoded by the model the adapter starts
 from (the NF4 base with the SAT adapter: ``nf4_sat``), in the window that
 adapter was trained in. Each hypothesis is scored by the same model as a
-training target: its mean loss per token (the family's training loss:
+training target: its training loss per token (the family's ``token_loss``:
 Whisper's cross-entropy; ESPnet's CTC/attention loss), so that a low loss is
 a confident hypothesis. The ``keep`` fraction with the lowest loss become
 the targets; ``<unk>`` is dropped from a hypothesis (it is not a word to
@@ -30,19 +30,19 @@ def with_text(cut, text: str):
 
 
 @torch.no_grad()
-def target_loss(model: torch.nn.Module, cut, batches_of: Callable, device: str) -> float:
-    """The model's training loss of ``cut`` alone (its text as the target); infinite for a text that cannot be a
-    target (empty, or not encodable by the model's tokenizer)."""
+def target_loss(model: torch.nn.Module, cut, batches_of: Callable, per_token: Callable, device: str) -> float:
+    """The model's training loss per token of ``cut`` alone (its text as the target); infinite for a text that
+    cannot be a target (empty, or not encodable by the model's tokenizer)."""
     if not (cut.supervisions[0].text or "").strip():
         return math.inf
     try:
         batch = next(iter(batches_of(CutSet.from_cuts([cut]), 1)))
     except BadInput:
         return math.inf
-    return float(model(**{k: v.to(device) for k, v in batch.items()})[0])
+    return per_token(model(**{k: v.to(device) for k, v in batch.items()})[0], batch)
 
 
-def pseudo_labelled(rec, cuts: CutSet, batches_of: Callable, keep: float, device: str = "cpu"
+def pseudo_labelled(rec, cuts: CutSet, batches_of: Callable, per_token: Callable, keep: float, device: str = "cpu"
                     ) -> tuple[CutSet, dict]:
     """The cuts whose hypotheses by ``rec`` (its model as it is now) are the most confident, with those
     hypotheses as their text, and a report: every hypothesis, its loss, and whether it was kept."""
@@ -53,7 +53,7 @@ def pseudo_labelled(rec, cuts: CutSet, batches_of: Callable, keep: float, device
             for cut_id, text in rec.transcribe(cuts, desc="pseudo-labels").items()}
     scored = {}
     for cut in cuts:
-        scored[cut.id] = target_loss(rec.model, with_text(cut, hyps[cut.id]), batches_of, device)
+        scored[cut.id] = target_loss(rec.model, with_text(cut, hyps[cut.id]), batches_of, per_token, device)
     ranked = sorted((loss, cut_id) for cut_id, loss in scored.items() if math.isfinite(loss))
     kept = {cut_id for _, cut_id in ranked[: max(1, round(keep * len(cuts)))]} if ranked else set()
     report = {cut_id: {"hypothesis": hyps[cut_id], "loss": scored[cut_id] if math.isfinite(scored[cut_id]) else None,

@@ -14,6 +14,7 @@ need to know about one kind of model, as module-level names:
   (``[]`` where there is no such option);
 - ``DEFAULT_TARGETS``: the LoRA target modules (a regex);
 - ``batch_iterator(fp_dir, window)``: LoRA training batches;
+- ``token_loss(loss, batch)``: the training loss of a batch of one per target token (pseudo-label confidence);
 - ``recognizer(fp_dir, device, beam_size, ctc_weight)``: decoding;
 - ``DECODING``: decoding settings fixed by the family (part of stage 8's run key);
 - ``text_normaliser(fp_dir, split_digits)``: scoring normalisation (``split_digits``: the corpus's rule);

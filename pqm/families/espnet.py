@@ -200,6 +200,11 @@ def batch_iterator(fp_dir: Path, window: str = "padded"):
     return iterate
 
 
+def token_loss(loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
+    """ESPnet's loss (CTC and attention) is summed over the target's tokens: divided by their number."""
+    return float(loss) / max(1, int(batch["text_lengths"].sum()))
+
+
 def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float) -> EspnetRecognizer:
     return EspnetRecognizer(fp_dir, device=device, beam_size=beam_size, ctc_weight=ctc_weight)
 

@@ -292,6 +292,11 @@ def _following_sub_batches(model: torch.nn.Module, rows, feats: torch.Tensor, na
         handle.remove()
 
 
+def token_loss(loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
+    """transformers' cross-entropy is already the mean over the target's tokens."""
+    return float(loss)
+
+
 def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float) -> WhisperRecognizer:
     """The family's decoder (Whisper has no CTC branch: ``ctc_weight`` does not apply)."""
     return WhisperRecognizer(fp_dir, device=device, beam_size=beam_size)
