@@ -44,6 +44,13 @@ def _cmd(setup, out, epochs=6, *extra: str):
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
+def adapt(setup, out, epochs=6, *extra: str) -> None:
+    """``python -m pqm.adapt`` in this process (its imports are paid once per test run, not once per call)."""
+    from pqm.adapt import main
+
+    main(_cmd(setup, out, epochs, *extra)[3:])
+
+
 def test_learning_rate_schedules():
     """constant: the rate every step; linear: warm-up over 10% of the steps (at least one), then decay to 0."""
     from pqm.adapt import learning_rate_schedule
@@ -86,26 +93,29 @@ def test_killed_job_resumes_to_the_same_adapter(setup, tmp_path):
 
 
 @pytest.mark.e2e
-def test_finished_adapter_is_not_retrained(setup, tmp_path):
-    subprocess.run(_cmd(setup, tmp_path / "a", epochs=1), cwd=ROOT, env=ENV, check=True, capture_output=True)
+def test_finished_adapter_is_not_retrained(setup, tmp_path, caplog):
+    adapt(setup, tmp_path / "a", 1)
     before = (tmp_path / "a" / "adapter_model.safetensors").stat().st_mtime_ns
     meta = json.loads((tmp_path / "a" / "pqm_adapter.json").read_text())  # where the job's time and memory went
     assert list(meta["seconds_by_step"]) == ["load the model", "quantise, add LoRA", "train"]
     assert sum(meta["seconds_by_step"].values()) <= meta["seconds"] + 0.2 and meta["peak_memory_mb"] > 100
-    again = subprocess.run(_cmd(setup, tmp_path / "a", epochs=1), cwd=ROOT, env=ENV, check=True,
-                           capture_output=True, text=True)
-    assert "nothing to do" in again.stderr
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        adapt(setup, tmp_path / "a", 1)
+    assert "nothing to do" in caplog.text
     assert (tmp_path / "a" / "adapter_model.safetensors").stat().st_mtime_ns == before
-    changed = subprocess.run(_cmd(setup, tmp_path / "a", epochs=2), cwd=ROOT, env=ENV, check=True,
-                             capture_output=True, text=True)
-    assert "nothing to do" not in changed.stderr  # other settings: trained again
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        adapt(setup, tmp_path / "a", 2)
+    assert "nothing to do" not in caplog.text  # other settings: trained again
+    assert (tmp_path / "a" / "adapter_model.safetensors").stat().st_mtime_ns != before
 
 
 @pytest.mark.e2e
 def test_distributed_sat_on_two_gloo_processes(setup, tmp_path):
     """torchrun with two CPU processes (gloo): DDP over the LoRA parameters trains the same adapter shape
     as one process, and the loss goes down."""
-    subprocess.run(_cmd(setup, tmp_path / "one", epochs=1), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    adapt(setup, tmp_path / "one", 1)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd = _cmd(setup, tmp_path / "ddp", epochs=4)
     proc = subprocess.run([*torchrun, *cmd[1:]], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -121,7 +131,7 @@ def test_distributed_sat_on_two_gloo_processes(setup, tmp_path):
 
 
 @pytest.mark.e2e
-def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path):
+def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path, capsys):
     """pqm_unsup: the targets are the starting adapter's own hypotheses, the most confident half kept; with
     every transcript replaced the adapter is the same, bit for bit."""
     from lhotse import CutSet
@@ -129,14 +139,13 @@ def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path):
     from pqm.pseudo_labels import with_text
 
     tmp, _ = setup
-    subprocess.run(_cmd(setup, tmp_path / "init", 1), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    adapt(setup, tmp_path / "init", 1)
     scrambled = tmp_path / "scrambled.jsonl.gz"
     CutSet.from_cuts(with_text(c, "nine nine nine") for c in CutSet.from_file(
         tmp / "manifests" / "fsdd_cuts_adapt.jsonl.gz")).to_file(scrambled)
     pseudo = ("--init", str(tmp_path / "init"), "--targets", "pseudo", "--pseudo-keep", "0.5")
     for out, extra in (("a", ()), ("b", ("--cuts", str(scrambled)))):
-        subprocess.run(_cmd(setup, tmp_path / out, 1, *pseudo, *extra), cwd=ROOT, env=ENV, check=True,
-                       capture_output=True)
+        adapt(setup, tmp_path / out, 1, *pseudo, *extra)
     a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -145,6 +154,6 @@ def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path):
     kept = [r for r in report.values() if r["kept"]]
     assert meta["targets"] == "pseudo" and meta["utterances"] == len(kept) == round(len(report) / 2)
     assert max(r["loss"] for r in kept) <= min(r["loss"] for r in report.values() if not r["kept"] and r["loss"])
-    refused = subprocess.run(_cmd(setup, tmp_path / "c", 1, "--targets", "pseudo"), cwd=ROOT, env=ENV,
-                             capture_output=True, text=True)
-    assert refused.returncode != 0 and "--targets pseudo needs --init" in refused.stderr
+    with pytest.raises(SystemExit):
+        adapt(setup, tmp_path / "c", 1, "--targets", "pseudo")
+    assert "--targets pseudo needs --init" in capsys.readouterr().err
