@@ -186,11 +186,16 @@ def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, whisper_dir, 
     exp = tmp_path / "whisper"
     run_sh(*data, "--expdir", str(exp), "--model", "whisper", "--pretrained", str(whisper_dir), "--sat-utts", "4",
            "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true",
-           "--whisper-max-tokens-per-second", "8")
+           "--whisper-max-tokens-per-second", "8", "--unsup", "true", "--unsup-keep", "0.5")
     results = json.loads((exp / "results.json").read_text())
     assert results["corpus"] == "custom" and results["test_speakers"] == ["george"]
+    assert set(results["systems"]) == {"fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "pqm_unsup"}
     assert all(r["words"] == 5 and "missing" not in r for r in results["systems"].values())
     assert (exp / "adapters" / "pqm" / "george" / "adapter_model.safetensors").exists()
+    unsup = exp / "adapters" / "pqm_unsup" / "george"  # trained on SAT's own hypotheses, or fell back saying why
+    meta = json.loads(((unsup / "pqm_adapter.json") if (unsup / "pqm_adapter.json").exists()
+                       else (unsup / "fallback.json")).read_text())
+    assert len(meta["pseudo_labels"]) == 4 and "| pqm_unsup |" in (exp / "RESULTS.md").read_text()
     assert "resampling to 16000 Hz" in (exp / "log" / "stage6.log").read_text()
 
 
