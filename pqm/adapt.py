@@ -438,6 +438,11 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         model = load_adapter(model, a.init, base_fingerprint, trainable=True)
     else:
         model = add_lora(model, LoraSettings(a.lora_targets, a.lora_r, a.lora_alpha, a.lora_dropout))
+    if fp_weights is not None:
+        share = init_from_quantisation_error(model, fp_weights)
+        logging.info(f"LoRA started from the SVD of the quantisation error: {100 * share:.1f}% of its energy removed")
+        del fp_weights
+    timer.done("quantise, add LoRA")
     if a.targets == "pseudo":
         train_cuts, pseudo = pseudo_labelled(rec, cuts, models.batch_iterator(a.fp_dir, a.window), models.token_loss,
                                              a.pseudo_keep, a.device)
@@ -449,11 +454,6 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
                                                 "pseudo_labels": pseudo})
         if len(train_cuts) == 0:
             return
-    if fp_weights is not None:
-        share = init_from_quantisation_error(model, fp_weights)
-        logging.info(f"LoRA started from the SVD of the quantisation error: {100 * share:.1f}% of its energy removed")
-        del fp_weights
-    timer.done("quantise, add LoRA")
     n_lora = trainable_params(model)
     logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on "
                  f"{len(train_cuts)} utterances" + (f", {a.holdout} held out" if a.holdout else ""))
