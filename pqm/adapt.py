@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="Whisper targets: the references as they are, or restyled (pqm.restyle)")
     p.add_argument("--targets", default="transcripts", choices=("transcripts", "pseudo"),
                    help="pseudo: the starting adapter's own hypotheses of the audio, transcripts unread (pqm_unsup)")
-    p.add_argument("--pseudo-keep", type=float, default=0.7,
+    p.add_argument("--pseudo-keep", type=float, default=0.3,
                    help="--targets pseudo: the fraction of hypotheses kept, the most confident (lowest loss)")
     p.add_argument("--holdout", type=int, default=0,
                    help="do no harm: hold out the speaker's last N utterances and keep the best epoch only "
