@@ -19,6 +19,17 @@ from pqm.transcribe import Transcriber, read_inputs
 WAV = FSDD / "recordings" / "3_george_7.wav"
 
 
+def form(audio: bytes, speaker: str | None = None):
+    """A POST /transcribe form: the audio file and, if given, the speaker."""
+    from aiohttp import FormData
+
+    data = FormData()
+    data.add_field("audio", audio, filename="a.wav")
+    if speaker is not None:
+        data.add_field("speaker", speaker)
+    return data
+
+
 @pytest.fixture(scope="module")
 def tiny_exp(tiny_fp_dir, tmp_path_factory) -> Path:
     """fp/, nf4/, sat/ and adapters/pqm/{ann,bob} as the recipe writes them; bob has no adapter (fallback.json)."""
@@ -95,7 +106,6 @@ def test_adapter_for_another_base_is_refused(fsdd_dir, tiny_exp, tmp_path):
 def test_http_service(fsdd_dir, tiny_exp):
     """The aiohttp service answers like the Transcriber, refuses bad requests with a 4xx and keeps serving;
     an adapter written while it runs is used at once."""
-    from aiohttp import FormData
     from aiohttp.test_utils import TestClient, TestServer
 
     from pqm.serve import make_app
@@ -103,13 +113,6 @@ def test_http_service(fsdd_dir, tiny_exp):
     model = Transcriber(tiny_exp, beam_size=1)
     expected = model.transcribe(read_inputs([WAV]), tiny_exp / "adapters" / "pqm" / "ann")["3_george_7"]
     sat = model.transcribe(read_inputs([WAV]), tiny_exp / "sat")["3_george_7"]
-
-    def form(audio: bytes, speaker: str | None = None) -> FormData:
-        data = FormData()
-        data.add_field("audio", audio, filename="a.wav")
-        if speaker is not None:
-            data.add_field("speaker", speaker)
-        return data
 
     async def session() -> None:
         async with TestClient(TestServer(make_app(model, max_bytes=200_000))) as client:
@@ -209,7 +212,6 @@ def test_whisper_mixed_speaker_batch_follows_beams_and_fallback(fsdd_dir, whispe
 def test_http_requests_that_arrive_together_share_a_batch(fsdd_dir, tiny_exp):
     """Concurrent requests of different speakers are decoded in one mixed batch, each answered as if alone;
     a bad request among them gets its own error and the others their answers."""
-    from aiohttp import FormData
     from aiohttp.test_utils import TestClient, TestServer
 
     from pqm.serve import make_app
@@ -218,13 +220,6 @@ def test_http_requests_that_arrive_together_share_a_batch(fsdd_dir, tiny_exp):
     wavs = [FSDD / "recordings" / f"{d}_george_{k}.wav" for d, k in ((3, 7), (5, 1), (8, 2))]
     speakers = ["ann", "bob", None]  # bob has no adapter: SAT
     expected = [model.transcribe(read_inputs([w]), model.adapter_of(s)[0])[w.stem] for w, s in zip(wavs, speakers)]
-
-    def form(audio: bytes, speaker: str | None) -> FormData:
-        data = FormData()
-        data.add_field("audio", audio, filename="a.wav")
-        if speaker is not None:
-            data.add_field("speaker", speaker)
-        return data
 
     async def session() -> None:
         app = make_app(model, max_bytes=200_000, batch_window=0.5, batch_size=8)
