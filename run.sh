@@ -135,10 +135,10 @@ speaker_jobs() {  # speaker_jobs NAME command...: one job per test speaker, task
         "${@:2}" --speaker-list "${speakers}" --job JOB
 }
 
-systems=(fp nf4 nf4_sat nf4_sa pqm); [ "${unsup}" = false ] || systems+=(pqm_unsup)
+adapted=(pqm nf4_sa); [ "${unsup}" = false ] || adapted+=(pqm_unsup)  # the per-speaker systems
 stage7() {  # per-speaker adapters of each system; a failed speaker stops neither the others nor the other system
     local failed="" init
-    for system in "${systems[@]:3}"; do
+    for system in "${adapted[@]}"; do
         init=(--init "${expdir}/sat" --holdout "${sa_holdout}")
         [ "${system}" != nf4_sa ] || init=(--holdout "${sa_holdout}")
         [ "${system}" != pqm_unsup ] || init=(--init "${expdir}/sat" --targets pseudo --pseudo-keep "${unsup_keep}")
@@ -152,7 +152,7 @@ stage7() {  # per-speaker adapters of each system; a failed speaker stops neithe
 stage8() {  # every system, per test speaker
     [ -e "${expdir}/adapters/pqm" ] || die "missing ${expdir}/adapters/pqm: run stage 7 first (./run.sh --stage 7 with the options in ${expdir}/run.cmd)"
     speaker_jobs decode python -m pqm.decode "${opts_nf4[@]}" --sat-dir "${expdir}/sat" --adapter-dir "${expdir}/adapters" \
-        --cuts "$(cuts eval)" --systems "${systems[@]}" --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" \
+        --cuts "$(cuts eval)" --systems fp nf4 nf4_sat "${adapted[@]}" --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" \
         --max-tokens-per-second "${whisper_max_tokens_per_second}" --out "${expdir}/decode"
 }
 

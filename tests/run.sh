@@ -21,4 +21,4 @@ case "${tier}" in
 esac
 . ./path.sh
 # Two pytest-xdist workers (PQM_TEST_WORKERS): most of a recipe test is single-threaded Python start-up.
-exec python -m pytest tests -m "${select}" -n "${PQM_TEST_WORKERS:-2}" --dist loadgroup "$@"
+exec python -m pytest tests -m "${select}" -n "${PQM_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "$@"
