@@ -172,13 +172,17 @@ def run_slurm(tasks: list[Task], name: str, config: Path, poll: float = 5.0, ove
     results, states = [], None
     for t in tasks:
         code = logged_exit_code(t.log)
+        if code == 0:
+            results.append(Result(0))
+            continue
+        states = task_states(job_id) if states is None else states
+        state = states.get(t.index, "UNKNOWN (Slurm no longer knows the job)")
         if code is None:
-            states = task_states(job_id) if states is None else states
-            state = states.get(t.index, "UNKNOWN (Slurm no longer knows the job)")
             note = f"Slurm job {job_id}_{t.index} ended as {state} before the task finished; see {qdir / name}.{t.index}.out"
             results.append(Result(1, note))
-        else:
-            results.append(Result(code))
+        else:  # a task Slurm stopped (time limit: SIGTERM) may still log its own exit code: say why it ended
+            stopped = state.split()[0] in ("TIMEOUT", "OUT_OF_MEMORY", "CANCELLED", "PREEMPTED", "NODE_FAIL")
+            results.append(Result(code, f"Slurm job {job_id}_{t.index} ended as {state}" if stopped else ""))
     return results
 
 
