@@ -158,9 +158,10 @@ class Transcriber:
             return self.transcribe(cuts, None)
         if len(distinct) > self.cache:
             raise BadInput(f"{len(distinct)} adapters in one batch, more than the cache holds ({self.cache})")
+        window_of = {adapter: adapter_window(adapter) for adapter in distinct}  # read once per adapter, not per cut
         groups: dict[str, list[int]] = {}
         for k, adapter in enumerate(adapters):
-            groups.setdefault(adapter_window(adapter) if adapter is not None else "padded", []).append(k)
+            groups.setdefault(window_of[adapter] if adapter is not None else "padded", []).append(k)
         hyps = {}
         for window, members in groups.items():
             names = [self._load(adapters[k]) if adapters[k] is not None else BASE for k in members]
