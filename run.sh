@@ -29,6 +29,7 @@ nf4_blocksize=64
 nf4_double_quant=true
 nf4_min_conv_numel=2048 # quantise convolutions with at least this many weights
 nf4_embeddings=false    # whisper: also quantise the token embedding and the output projection tied to it
+nf4_unquantised_dtype=float32  # float16: store what NF4 leaves in full precision (norms, biases, positions) as float16
 lora_r=8
 lora_alpha=16
 lora_targets=""         # regex over module names (default: the model family's DEFAULT_TARGETS, pqm/families/)
@@ -68,6 +69,7 @@ check whisper_max_tokens_per_second "[0-9]+([.][0-9]+)?" "a number >= 0 is neede
 check unsup_keep "0?[.][0-9]*[1-9][0-9]*|1|1[.]0*" "a fraction in (0, 1] is needed"
 for opt in nf4_double_quant nf4_embeddings unsup; do check "${opt}" "true|false" "use true or false"; done
 check whisper_window "padded|trimmed" "use padded or trimmed"
+check nf4_unquantised_dtype "float32|float16" "use float32 or float16"
 check target_style "corpus|sentence|model" "use corpus, sentence or model"
 check sat_init "zero|svd" "use zero or svd"
 check sa_lr_schedule "constant|linear" "use constant or linear"
@@ -92,7 +94,7 @@ echo "${cmdline}" >> "${expdir}/run.cmd"
 # other options is redone, with the later ones.
 stage_inputs=(
     [1]="corpus corpus_opts datadir corpus_inputs" [2]="seed" [3]="model pretrained token_type nbpe train_config"
-    [4]="max_epoch" [5]="nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings"
+    [4]="max_epoch" [5]="nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings nf4_unquantised_dtype"
     [6]="lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc sat_init"
     [7]="sa_epochs sa_lr sa_lr_schedule sa_holdout ctc_weight unsup unsup_keep" [8]="beam_size whisper_max_tokens_per_second" [9]=""
 )
@@ -162,7 +164,7 @@ run_stage 3 "the ${model} model's data" python -m pqm.families prepare "${family
 run_stage 4 "train or load the ${model} model" python -m pqm.families train "${family_opts[@]}"
 run_stage 5 "NF4 quantisation" python -m pqm.quantize --fp-dir "${expdir}/fp" --out "${expdir}/nf4" \
     --blocksize "${nf4_blocksize}" --double-quant "${nf4_double_quant}" --min-conv-numel "${nf4_min_conv_numel}" \
-    --embeddings "${nf4_embeddings}" --device "${device}"
+    --embeddings "${nf4_embeddings}" --unquantised-dtype "${nf4_unquantised_dtype}" --device "${device}"
 run_stage 6 "speaker adaptive training (SAT LoRA)" "${sat_launcher[@]}" -m pqm.adapt "${opts_lora[@]}" \
     --cuts "$(cuts train)" --max-utts "${sat_utts}" --epochs "${sat_epochs}" --lr "${sat_lr}" --lora-init "${sat_init}" \
     --out "${expdir}/sat"

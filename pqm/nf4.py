@@ -5,7 +5,9 @@ holding at least ``min_conv_numel`` weights (in the default Conformer: the
 pointwise 1x1, depthwise and second subsampling convolutions) becomes :class:`Conv4bit`, which
 keeps the same NF4 ``Params4bit`` storage and dequantises it with bitsandbytes
 for each forward. Small convolutions (depthwise, first subsampling layer),
-norms, biases and embeddings stay in full precision.
+norms, biases and embeddings stay in full precision: float32, or float16 in the
+file with ``unquantised_dtype="float16"`` (the model then holds the float16
+values as float32, so that what is saved is what was fingerprinted).
 
 An NF4 model is saved (:func:`save_nf4`) as a safetensors file of its own state
 dict (packed 4-bit weights plus bitsandbytes' packed quantisation state, see
@@ -25,6 +27,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
+from bitsandbytes.functional import QuantState
 from bitsandbytes.nn import Params4bit
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -42,6 +45,7 @@ class NF4Config:
     min_conv_numel: int = 2048
     keep_fp: list[str] = field(default_factory=list)  # module names left in full precision
     embeddings: list[str] = field(default_factory=list)  # nn.Embedding modules to quantise too (and Linears tied to them)
+    unquantised_dtype: str = "float32"  # how the file stores the tensors left in full precision: float32 or float16
 
 
 class Conv4bit(nn.Module):
@@ -85,7 +89,23 @@ class Conv4bit(nn.Module):
 
 
 class SavableEmbedding4bit(bnb.nn.Embedding4bit):
-    """bitsandbytes' NF4 embedding, with the state dict saving it lacks (as Linear4bit saves)."""
+    """bitsandbytes' NF4 embedding, with the state dict saving it lacks (as Linear4bit saves), and
+    double quantisation, which its row lookup lacks."""
+
+    def _forward_with_partial_dequantize(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (bnb's name)
+        state = self.weight.quant_state
+        if not state.nested:
+            return super()._forward_with_partial_dequantize(input)
+        # bitsandbytes looks up each row's block scales (absmax); with double quantisation those are
+        # themselves 8-bit codes, so they are expanded first, as dequantize_4bit does for a whole weight
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        flat = QuantState(absmax=absmax.float(), shape=state.shape, code=state.code, blocksize=state.blocksize,
+                          quant_type=state.quant_type, dtype=state.dtype)
+        rows = self.weight.data.view(torch.uint8).view(self.num_embeddings, self.embedding_dim // 2)
+        blocks = absmax.view(self.num_embeddings, self.embedding_dim // state.blocksize)
+        flat.absmax = F.embedding(input, blocks).reshape(-1)
+        flat.shape = torch.Size((*input.shape, self.embedding_dim))
+        return bnb.functional.dequantize_4bit(F.embedding(input, rows).reshape(-1, 1), flat).to(self.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D102
         nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
@@ -94,11 +114,11 @@ class SavableEmbedding4bit(bnb.nn.Embedding4bit):
 
 
 def _embedding4bit(emb: nn.Embedding, cfg: NF4Config, device: str) -> SavableEmbedding4bit:
-    """NF4 embedding, block-wise without double quantisation (rows are dequantised one by one)."""
+    """NF4 embedding, block-wise, with double quantisation as ``cfg`` says."""
     q = SavableEmbedding4bit(emb.num_embeddings, emb.embedding_dim, quant_type="nf4", device="meta")
     q.dtype = emb.weight.dtype
     q.weight = Params4bit(
-        emb.weight.data.contiguous(), requires_grad=False, blocksize=cfg.blocksize, compress_statistics=False,
+        emb.weight.data.contiguous(), requires_grad=False, blocksize=cfg.blocksize, compress_statistics=cfg.double_quant,
         quant_type="nf4", module=q,
     ).to(device)
     return q
@@ -281,15 +301,26 @@ def count_params(model: nn.Module) -> int:
 NF4_MADE_BY = "stage 5 (NF4 quantisation)"
 
 
+def _nf4_part(key: str, quantised: set[str]) -> str | None:
+    """What an NF4 file's tensor ``key`` is: ``"weights"`` or ``"state"`` of a module in ``quantised``,
+    or None for a tensor left in full precision."""
+    if key.startswith(SHARED_PREFIX) or key.partition(".weight.")[0] in quantised:
+        return "state"
+    if key.endswith(".weight") and key[: -len(".weight")] in quantised:
+        return "weights"
+    return None
+
+
 def size_breakdown(model: nn.Module, state: dict[str, torch.Tensor], modules: list[str]) -> dict[str, int]:
     """Bytes of the NF4 file's tensors by what they hold: the 4-bit weights of ``modules``, their
     quantisation state, and the tensors left in full precision by module type and tensor name."""
     quantised = set(modules)
     out: dict[str, int] = {}
     for key, value in state.items():
-        if key.startswith(SHARED_PREFIX) or key.partition(".weight.")[0] in quantised:
+        part = _nf4_part(key, quantised)
+        if part == "state":
             what = "4-bit quantisation state (absmax, code tables)"
-        elif key.endswith(".weight") and key[: -len(".weight")] in quantised:
+        elif part == "weights":
             what = "4-bit weights"
         else:
             owner, _, name = key.rpartition(".")
@@ -303,8 +334,12 @@ def save_nf4(model: nn.Module, cfg: NF4Config, modules: list[str], out_dir: Path
 
     ``omitted``: state-dict keys the model's family rebuilds (or ties) by itself.
     """
+    state = compact_state_dict(model.state_dict(keep_vars=True), omitted)
+    if cfg.unquantised_dtype == "float16":
+        state = _unquantised_to_float16(model, state, set(modules))
+    elif cfg.unquantised_dtype != "float32":
+        raise ValueError(f"unquantised_dtype {cfg.unquantised_dtype!r}: use float32 or float16")
     base_fingerprint = fingerprint(model)
-    state = compact_state_dict(model.state_dict(), omitted)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         save_file(state, str(tmp / "model.safetensors"))
@@ -312,6 +347,24 @@ def save_nf4(model: nn.Module, cfg: NF4Config, modules: list[str], out_dir: Path
                                       "fingerprint": base_fingerprint,
                                       "size_breakdown_bytes": size_breakdown(model, state, modules)})
     return base_fingerprint
+
+
+def _unquantised_to_float16(model: nn.Module, state: dict[str, torch.Tensor], quantised: set[str]
+                            ) -> dict[str, torch.Tensor]:
+    """``state`` with its float32 full-precision tensors as float16, each rounded in ``model`` too
+    (the model keeps float32 tensors that hold float16 values); one that overflows float16 stays float32."""
+    tensors = model.state_dict(keep_vars=True)
+    out = dict(state)
+    for key, value in state.items():
+        if _nf4_part(key, quantised) or value.dtype != torch.float32:
+            continue
+        half = value.detach().half()
+        if not torch.isfinite(half).all():
+            logging.warning(f"{key} does not fit float16: kept float32")
+            continue
+        tensors[key].data.copy_(half)
+        out[key] = half
+    return out
 
 
 def to_nf4(model: nn.Module, nf4_dir: Path, device: str = "cpu") -> str:

@@ -134,3 +134,47 @@ def test_double_quant_option(tiny_fp_dir, double_quant):
     quantize_model(model, NF4Config(double_quant=double_quant))
     lin = model.encoder.encoders[0].feed_forward.w_1
     assert bool(lin.weight.quant_state.nested) == double_quant
+
+
+def test_float16_storage_of_what_stays_full_precision(tiny_fp_dir, tmp_path):
+    """``unquantised_dtype="float16"``: norms, biases and the rest are float16 in the file, the saved model
+    holds those values, loading reproduces it exactly, and the file is smaller by half their bytes."""
+    import json
+
+    rebuilt = omitted_keys(tiny_fp_dir, build_model(tiny_fp_dir))
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        m = build_model(tiny_fp_dir).eval()
+        cfg = NF4Config(unquantised_dtype=dtype)
+        fp = save_nf4(m, cfg, quantize_model(m, cfg), tmp_path / dtype, rebuilt)
+        sizes[dtype] = (tmp_path / dtype / "model.safetensors").stat().st_size
+    saved = load_file(str(tmp_path / "float16" / "model.safetensors"))
+    norm = "encoder.encoders.0.norm_ff.weight"
+    assert saved[norm].dtype == torch.float16 and saved["encoder.encoders.0.feed_forward.w_1.weight"].dtype == torch.uint8
+    loaded = build_model(tiny_fp_dir).eval()
+    assert to_nf4(loaded, tmp_path / "float16") == fp  # the model saved held the float16 values
+    assert torch.equal(loaded.state_dict()[norm], saved[norm].float())
+    assert loaded.state_dict()[norm].dtype == torch.float32
+    full = {dtype: sum(n for what, n in json.loads((tmp_path / dtype / "nf4.json").read_text())
+                       ["size_breakdown_bytes"].items() if what.startswith("full precision")) for dtype in sizes}
+    unquantised = sum(v.numel() for v in saved.values() if v.dtype == torch.float16)
+    assert full["float32"] - full["float16"] == 2 * unquantised > 0
+    assert sizes["float32"] - sizes["float16"] >= 2 * unquantised - 256  # the header's offsets differ a little
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_embedding_rows_match_its_dequantised_table(double_quant):
+    """An NF4 embedding looks rows up from its 4-bit table, with or without double quantisation of the
+    block scales (bitsandbytes' row lookup handles only the latter), and its tied projection shares it."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(100, 128)
+    out = torch.nn.Linear(128, 100, bias=False)
+    out.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "out": out})
+    quantize_model(model, NF4Config(embeddings=["emb"], double_quant=double_quant))
+    q = model["emb"]
+    assert bool(q.weight.quant_state.nested) == double_quant and model["out"].weight is q.weight
+    table = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    ids = torch.tensor([[3, 99, 0], [7, 7, 50]])
+    assert torch.equal(q(ids), table[ids])
+    assert 0 < (table - emb.weight).abs().max() < 0.25 * emb.weight.abs().max()  # 4-bit, not garbage
