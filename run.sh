@@ -59,21 +59,13 @@ cmdline="$0$(printf " %q" "$@")"  # quoted as typed, so that it can be run again
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (run.sh:${BASH_LINENO[0]}) $*"; }
 die() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (run.sh:${BASH_LINENO[0]}) ERROR: $*" >&2; exit 1; }
-check() { [[ "${!1}" =~ ^($2)$ ]] || die "--${1//_/-} ${!1}: $3"; }  # check NAME REGEX ADVICE
+options() {  # every option of the list above (and "$@") as a "--name value" line
+    local v; for v in $(sed -n '/^# Options/,/^# End of options/s/^\([a-z0-9_]*\)=.*/\1/p' "$(basename "$0")") "$@"; do
+        echo "--${v//_/-} ${!v}"; done
+}
 
-# Every option is checked before anything is written.
-for opt in stage stop_stage; do check "${opt}" "[1-9]" "stages are 1..9"; done
-for opt in nj ngpu sat_epochs sa_epochs lora_r lora_alpha beam_size; do check "${opt}" "[1-9][0-9]*" "a positive integer is needed"; done
-for opt in threads sat_nproc sa_holdout; do check "${opt}" "[0-9]+" "a number >= 0 is needed"; done
-check whisper_max_tokens_per_second "[0-9]+([.][0-9]+)?" "a number >= 0 is needed"
-check unsup_keep "0?[.][0-9]*[1-9][0-9]*|1|1[.]0*" "a fraction in (0, 1] is needed"
-for opt in nf4_double_quant nf4_embeddings unsup; do check "${opt}" "true|false" "use true or false"; done
-check whisper_window "padded|trimmed" "use padded or trimmed"
-check nf4_unquantised_dtype "float32|float16" "use float32 or float16"
-check target_style "corpus|sentence|model" "use corpus, sentence or model"
-check sat_init "zero|svd" "use zero or svd"
-check sa_lr_schedule "constant|linear" "use constant or linear"
-check cmd_backend "local|slurm" "use local or slurm"
+# Every option is checked before anything is written (pqm/stages.py: RULES).
+python -m pqm.stages --options "$(options)" validate || exit 1
 [ "${cmd_backend}" = local ] || python -m pqm.slurm --check "${cluster_config}" || die "--cmd-backend slurm: fix the above first"
 expdir=${expdir:-exp/${corpus}_${model}}
 corpus_info=$(python -m pqm.recipes check --corpus "${corpus}" --datadir "${datadir}" --corpus-opts "${corpus_opts}") \
@@ -90,16 +82,9 @@ python -m pqm.families check "${family_opts[@]}" || die "--model ${model}: see a
 mkdir -p "${expdir}/log" "${expdir}/timing" "${expdir}/.done" "${datadir}"
 echo "${cmdline}" >> "${expdir}/run.cmd"
 
-# What each stage's outputs depend on: its done marker records them (pqm/stages.py); a stage done with
-# other options is redone, with the later ones.
-stage_inputs=(
-    [1]="corpus corpus_opts datadir corpus_inputs" [2]="seed" [3]="model pretrained token_type nbpe train_config"
-    [4]="max_epoch" [5]="nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings nf4_unquantised_dtype"
-    [6]="lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc sat_init"
-    [7]="sa_epochs sa_lr sa_lr_schedule sa_holdout ctc_weight unsup unsup_keep" [8]="beam_size whisper_max_tokens_per_second" [9]=""
-)
-stages=(python -m pqm.stages --expdir "${expdir}" --options "$(for n in $(seq 1 9); do
-    for v in ${stage_inputs[n]}; do echo "${n} --${v//_/-} ${!v}"; done; done)")
+# The done markers record the options each stage depends on (pqm/stages.py: STAGE_INPUTS); a stage done
+# with other options is redone, with the later ones.
+stages=(python -m pqm.stages --expdir "${expdir}" --options "$(options corpus_inputs)")
 "${stages[@]}" check "${stage}" || exit 1
 
 # run_stage N "title" command...: runs a stage unless it is done with these options,

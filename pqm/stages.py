@@ -5,17 +5,20 @@ they were when stage N finished. A stage whose marker records other options than
 the later stages with it; a stage before ``--stage`` that was done with other options stops the run. An
 empty marker (written by an older pqm) records nothing and counts as done.
 
+    python -m pqm.stages --options OPTS validate                 # every option's value allowed? (:data:`RULES`)
     python -m pqm.stages --expdir E --options OPTS check FIRST   # stages before FIRST: done with OPTS?
     python -m pqm.stages --expdir E --options OPTS begin N TITLE # exit 0: run it (markers N..9 cleared); 3: done
     python -m pqm.stages --expdir E --options OPTS done N SECONDS
 
-OPTS has one ``N --name value`` line per option that stage N's outputs depend on (run.sh's ``stage_inputs``).
+OPTS has one ``--name value`` line per run.sh option; which of them each stage's outputs depend on is
+:data:`STAGE_INPUTS`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -27,15 +30,57 @@ ALREADY_DONE = 3  # exit code of ``begin`` for a stage that is done with this ru
 log = logging.getLogger("run.sh")
 
 
-def parse_options(text: str) -> dict[int, list[str]]:
-    """``N --name value`` lines -> the ``--name value`` lines of each stage."""
-    by_stage: dict[int, list[str]] = {n: [] for n in range(1, LAST_STAGE + 1)}
+# The run.sh options each stage's outputs depend on; a stage done with other values is redone, with the later ones.
+STAGE_INPUTS = {
+    1: "corpus corpus_opts datadir corpus_inputs", 2: "seed", 3: "model pretrained token_type nbpe train_config",
+    4: "max_epoch", 5: "nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings nf4_unquantised_dtype",
+    6: "lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc sat_init",
+    7: "sa_epochs sa_lr sa_lr_schedule sa_holdout ctc_weight unsup unsup_keep",
+    8: "beam_size whisper_max_tokens_per_second", 9: "",
+}
+# The values run.sh's options may take (the whole value matches), and what to give instead.
+RULES = {
+    "stage stop_stage": ("[1-9]", "stages are 1..9"),
+    "nj ngpu sat_epochs sa_epochs lora_r lora_alpha beam_size": ("[1-9][0-9]*", "a positive integer is needed"),
+    "threads sat_nproc sa_holdout": ("[0-9]+", "a number >= 0 is needed"),
+    "whisper_max_tokens_per_second": ("[0-9]+([.][0-9]+)?", "a number >= 0 is needed"),
+    "unsup_keep": ("0?[.][0-9]*[1-9][0-9]*|1|1[.]0*", "a fraction in (0, 1] is needed"),
+    "nf4_double_quant nf4_embeddings unsup": ("true|false", "use true or false"),
+    "nf4_unquantised_dtype": ("float32|float16", "use float32 or float16"),
+    "whisper_window": ("padded|trimmed", "use padded or trimmed"),
+    "target_style": ("corpus|sentence|model", "use corpus, sentence or model"),
+    "sat_init": ("zero|svd", "use zero or svd"),
+    "sa_lr_schedule": ("constant|linear", "use constant or linear"),
+    "cmd_backend": ("local|slurm", "use local or slurm"),
+}
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """``--name value`` lines (``--name`` alone: empty) -> {name: value}, names with underscores."""
+    options = {}
     for line in text.splitlines():
-        number, _, option = line.partition(" ")
-        if not number.isdigit() or int(number) not in by_stage or not option.startswith("--"):
-            raise BadInput(f"--options: expected 'N --name value' lines with N in 1..{LAST_STAGE}, got {line!r}")
-        by_stage[int(number)].append(option)
-    return by_stage
+        name, _, value = line.partition(" ")
+        if not re.fullmatch("--[a-z][a-z0-9-]*", name):
+            raise BadInput(f"--options: expected '--name value' lines, got {line!r}")
+        options[name[2:].replace("-", "_")] = value
+    return options
+
+
+def validate(options: dict[str, str]) -> None:
+    """Raise on the first option whose value :data:`RULES` does not allow."""
+    for names, (pattern, advice) in RULES.items():
+        for name in names.split():
+            if name in options and not re.fullmatch(pattern, options[name]):
+                raise BadInput(f"--{name.replace('_', '-')} {options[name]}: {advice}")
+
+
+def by_stage(options: dict[str, str]) -> dict[int, list[str]]:
+    """The ``--name value`` lines each stage's outputs depend on (:data:`STAGE_INPUTS`)."""
+    missing = [name for names in STAGE_INPUTS.values() for name in names.split() if name not in options]
+    if missing:
+        raise BadInput(f"--options lacks {', '.join(missing)}, which the stages depend on")
+    return {n: [f"--{name.replace('_', '-')} {options[name]}" for name in names.split()]
+            for n, names in STAGE_INPUTS.items()}
 
 
 class Markers:
@@ -93,9 +138,10 @@ class Markers:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--expdir", type=Path, required=True)
-    p.add_argument("--options", required=True, help="one 'N --name value' line per option of stage N")
+    p.add_argument("--expdir", type=Path, help="the experiment folder (all but validate)")
+    p.add_argument("--options", required=True, help="one '--name value' line per run.sh option")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("validate")
     sub.add_parser("check").add_argument("first", type=int)
     begin = sub.add_parser("begin")
     begin.add_argument("stage", type=int)
@@ -108,7 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s (%(name)s) %(message)s", "%Y-%m-%dT%H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    markers = Markers(a.expdir, parse_options(a.options))
+    options = parse_options(a.options)
+    if a.command == "validate":
+        return validate(options)
+    if a.expdir is None:
+        p.error(f"{a.command} needs --expdir")
+    markers = Markers(a.expdir, by_stage(options))
     if a.command == "check":
         markers.check(a.first)
     elif a.command == "begin":

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 from pqm.errors import BadInput
-from pqm.stages import ALREADY_DONE, Markers, parse_options
+from pqm.stages import ALREADY_DONE, STAGE_INPUTS, Markers, by_stage, parse_options, validate
 
-OPTIONS = "1 --corpus fsdd\n1 --corpus-opts \n2 --seed 0\n5 --nf4-blocksize 64\n"
+VALUES = {**{name: "1" for names in STAGE_INPUTS.values() for name in names.split()},
+          "corpus": "fsdd", "corpus_opts": "", "datadir": "data", "corpus_inputs": "-", "seed": "0"}
 
 
-def markers(tmp_path, options: str = OPTIONS) -> Markers:
-    return Markers(tmp_path, parse_options(options))
+def options(**changed: str) -> str:
+    """run.sh's ``--name value`` lines, with ``changed`` values."""
+    return "".join(f"--{name.replace('_', '-')} {value}\n" for name, value in {**VALUES, **changed}.items())
+
+
+OPTIONS = options()
+
+
+def markers(tmp_path, **changed: str) -> Markers:
+    return Markers(tmp_path, by_stage(parse_options(options(**changed))))
 
 
 def test_a_done_stage_records_the_options_of_it_and_the_stages_before(tmp_path):
     first = markers(tmp_path)
     assert first.begin(2, "manifests")
     first.done(2, 7)
-    assert (tmp_path / ".done" / "stage2").read_text() == "--corpus fsdd\n--corpus-opts \n--seed 0\n"
+    assert (tmp_path / ".done" / "stage2").read_text() == "--corpus fsdd\n--corpus-opts \n--datadir data\n--corpus-inputs -\n--seed 0\n"
     assert (tmp_path / "timing" / "stage2.seconds").read_text() == "7\n"
     assert not markers(tmp_path).begin(2, "manifests")  # the same options: skipped
 
@@ -30,7 +40,7 @@ def test_a_changed_option_redoes_the_stage_and_clears_the_later_markers(tmp_path
     done = markers(tmp_path)
     for n in (2, 5, 6):
         done.done(n, 1)
-    again = markers(tmp_path, OPTIONS.replace("--seed 0", "--seed 1"))
+    again = markers(tmp_path, seed="1")
     assert again.changed(2) == "was --seed 0; now --seed 1"
     with caplog.at_level("INFO", logger="run.sh"):
         assert again.begin(2, "manifests")
@@ -41,7 +51,7 @@ def test_a_changed_option_redoes_the_stage_and_clears_the_later_markers(tmp_path
 def test_a_stage_before_the_first_done_with_other_options_stops_the_run(tmp_path):
     markers(tmp_path).done(1, 1)
     markers(tmp_path).check(2)  # same options: nothing to say
-    stale = markers(tmp_path, OPTIONS.replace("--corpus fsdd", "--corpus custom"))
+    stale = markers(tmp_path, corpus="custom")
     with pytest.raises(BadInput, match=r"stage 1 was done with other options \(was --corpus fsdd; now --corpus custom\)"):
         stale.check(2)
     stale.check(1)  # a run that starts at stage 1 redoes it
@@ -54,11 +64,22 @@ def test_an_empty_marker_of_an_older_pqm_counts_as_done(tmp_path):
     assert not markers(tmp_path).begin(1, "corpus")
 
 
-def test_malformed_options_are_refused():
-    with pytest.raises(BadInput, match="expected 'N --name value' lines"):
-        parse_options("10 --seed 0")
-    with pytest.raises(BadInput, match="expected 'N --name value' lines"):
-        parse_options("2 seed 0")
+def test_malformed_or_missing_options_are_refused():
+    with pytest.raises(BadInput, match="expected '--name value' lines"):
+        parse_options("2 --seed 0")
+    with pytest.raises(BadInput, match="expected '--name value' lines"):
+        parse_options("seed 0")
+    with pytest.raises(BadInput, match="lacks sat_init, which the stages depend on"):
+        by_stage({k: v for k, v in VALUES.items() if k != "sat_init"})
+
+
+@pytest.mark.parametrize("name, value, advice", [("stage", "10", "stages are 1..9"), ("nj", "0", "a positive integer"),
+                                                  ("unsup_keep", "0", "a fraction in (0, 1]"),
+                                                  ("nf4_unquantised_dtype", "bf16", "use float32 or float16")])
+def test_a_value_the_rules_do_not_allow_is_named(name, value, advice):
+    validate({name: "1" if name != "nf4_unquantised_dtype" else "float16"})
+    with pytest.raises(BadInput, match=fr"--{name.replace('_', '-')} {value}: {re.escape(advice)}"):
+        validate({name: value})
 
 
 def test_the_command_line_exits_3_for_a_done_stage(tmp_path):
