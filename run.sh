@@ -36,6 +36,7 @@ lora_targets=""         # regex over module names (default: the model family's D
 sat_epochs=1
 sat_lr=0.001
 sat_utts=0              # SAT on at most this many training utterances (0: all)
+sat_max_duration=0      # SAT batches of similar-length utterances of at most this many seconds (0: 16 utterances)
 sat_init=zero           # SAT LoRA start: zero (peft's default, B = 0) or svd (the rank-r SVD of the NF4 quantisation error)
 sa_epochs=10
 sa_lr=0.001
@@ -152,7 +153,7 @@ run_stage 5 "NF4 quantisation" python -m pqm.quantize --fp-dir "${expdir}/fp" --
     --embeddings "${nf4_embeddings}" --unquantised-dtype "${nf4_unquantised_dtype}" --device "${device}"
 run_stage 6 "speaker adaptive training (SAT LoRA)" "${sat_launcher[@]}" -m pqm.adapt "${opts_lora[@]}" \
     --cuts "$(cuts train)" --max-utts "${sat_utts}" --epochs "${sat_epochs}" --lr "${sat_lr}" --lora-init "${sat_init}" \
-    --out "${expdir}/sat"
+    --max-duration "${sat_max_duration}" --out "${expdir}/sat"
 run_stage 7 "per-speaker LoRA adaptation" stage7
 run_stage 8 "decoding" stage8
 run_stage 9 "scoring" python -m pqm.score --expdir "${expdir}" --cuts "$(cuts eval)" --model "${model}" --corpus "${corpus}"

@@ -53,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
+from pqm.batches import cut_batches
 from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import family, family_of
 from pqm.files import atomic_path, file_digest, ids_digest, read_json, write_json
@@ -122,6 +123,7 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         "lora_init": None if a.init else a.lora_init,
         **({"targets": "pseudo", "pseudo_keep": a.pseudo_keep} if a.targets == "pseudo" else {}),
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
+        **({"max_duration": a.max_duration} if a.max_duration > 0 else {}),
     }
 
 
@@ -235,12 +237,14 @@ def train_adapter(
     model, cuts: CutSet, batches_of, epochs: int, lr: float, batch_size: int, seed: int,
     device: str = "cpu", checkpoint: Checkpoint | None = None, ranks: Ranks = Ranks(),
     selection: Selection | None = None, schedule: str = "constant", warmup_ratio: float = 0.1,
+    max_duration: float = 0.0,
 ) -> list[float]:
     """Train the trainable (LoRA) parameters of ``model``; return the mean loss per epoch.
 
-    ``batches_of(cuts, batch_size, epoch, seed, rank, world_size)`` gives the
+    ``batches_of(cuts, batch_size, epoch, seed, rank, world_size, max_duration)`` gives the
     keyword arguments of the model's forward, whose first output is the loss
-    (a family's ``batch_iterator``, see :mod:`pqm.families`).
+    (a family's ``batch_iterator``, see :mod:`pqm.families`); ``max_duration`` > 0: batches of at
+    most that many seconds of similar-length utterances instead of ``batch_size`` utterances.
 
     With ``checkpoint``, the state is saved after every epoch and a matching
     saved state is resumed from. With ``ranks.world_size`` > 1 (torchrun),
@@ -253,8 +257,10 @@ def train_adapter(
     selection = selection or Selection()
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    lr_schedule = learning_rate_schedule(optim, schedule, warmup_ratio,
-                                         epochs * math.ceil(math.ceil(len(cuts) / batch_size) / ranks.world_size))
+    per_epoch = (sum(1 for _ in cut_batches(cuts, batch_size, 0, seed, rank=ranks.rank, world_size=ranks.world_size,
+                                            max_duration=max_duration)) if max_duration > 0
+                 else math.ceil(math.ceil(len(cuts) / batch_size) / ranks.world_size))
+    lr_schedule = learning_rate_schedule(optim, schedule, warmup_ratio, epochs * per_epoch)
     done, losses = checkpoint.load(model, optim, lr_schedule, selection) if checkpoint else (0, [])
     if done == 0:
         selection.after_epoch(model)
@@ -263,7 +269,8 @@ def train_adapter(
         model.train()
         freeze_batchnorm(model)
         sums = torch.zeros(2, dtype=torch.float64)  # loss total, batches
-        batches = batches_of(cuts, batch_size, epoch=epoch, seed=seed, rank=ranks.rank, world_size=ranks.world_size)
+        batches = batches_of(cuts, batch_size, epoch=epoch, seed=seed, rank=ranks.rank, world_size=ranks.world_size,
+                             max_duration=max_duration)
         for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", mininterval=5,
                           disable=not ranks.main):
             loss = net(**{k: v.to(device) for k, v in batch.items()})[0]
@@ -304,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="constant, or linear: warm-up over --warmup-ratio of the steps, then linear decay to 0")
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-duration", type=float, default=0.0,
+                   help="batches of similar-length utterances adding up to at most this many seconds, instead of "
+                        "--batch-size utterances (lhotse's DynamicBucketingSampler; 0: off)")
     p.add_argument("--max-utts", type=int, default=0, help="use at most this many utterances (0: all)")
     p.add_argument("--lora-r", type=int, default=default.r)
     p.add_argument("--lora-alpha", type=int, default=default.alpha)
@@ -327,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("epochs", "batch_size", "lora_r", "lora_alpha"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: a positive number is needed")
+    if a.max_duration < 0:
+        p.error(f"--max-duration {a.max_duration}: a number of seconds >= 0 is needed (0: --batch-size utterances)")
     if a.holdout < 0 or a.lr <= 0:
         p.error("--holdout must be >= 0 and --lr > 0")
     if a.targets == "pseudo" and (a.init is None or a.holdout or not 0 < a.pseudo_keep <= 1):
@@ -463,7 +475,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         selection = Selection(held_out_errors(rec, held_out, normaliser))
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
     losses = train_adapter(model, train_cuts, models.batch_iterator(a.fp_dir, a.window), a.epochs, a.lr, a.batch_size,
-                           a.seed, a.device, checkpoint, ranks, selection, a.lr_schedule, a.warmup_ratio)
+                           a.seed, a.device, checkpoint, ranks, selection, a.lr_schedule, a.warmup_ratio,
+                           a.max_duration)
     timer.done("train" + (" and decode the held-out utterances" if held_out else ""))
     if not ranks.main:
         return

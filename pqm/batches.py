@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Iterable, Iterator
 
 import torch
 from lhotse import CutSet
 from lhotse.dataset.collation import collate_audio
-from lhotse.dataset.sampling import SimpleCutSampler
+from lhotse.dataset.sampling import DynamicBucketingSampler, SimpleCutSampler
 from torch.nn.utils.rnn import pad_sequence
 
 from pqm.tokens import TokenEncoder
@@ -19,13 +20,23 @@ _resampled_from: set[int] = set()
 
 def cut_batches(
     cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-) -> SimpleCutSampler:
-    """lhotse's sampler for one epoch: lists of at most ``batch_size`` cuts.
+    max_duration: float = 0.0,
+) -> SimpleCutSampler | DynamicBucketingSampler:
+    """lhotse's sampler for one epoch: lists of at most ``batch_size`` cuts; with ``max_duration`` > 0
+    instead, cuts of similar durations (10 buckets) adding up to at most ``max_duration`` seconds, so that
+    little of a batch is padding.
 
     With ``world_size`` > 1 it gives this ``rank`` its share of the batches,
     the same number on every rank.
     """
-    sampler = SimpleCutSampler(cuts, max_cuts=batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    if max_duration > 0:
+        with warnings.catch_warnings():  # lhotse advises lazy cuts to save memory: ours are small and eager
+            warnings.filterwarnings("ignore", message=".*DynamicBucketingSampler with an eagerly read CutSet")
+            sampler = DynamicBucketingSampler(cuts, max_duration=max_duration, num_buckets=min(10, len(cuts)),
+                                              shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    else:
+        sampler = SimpleCutSampler(cuts, max_cuts=batch_size, shuffle=shuffle, seed=seed, rank=rank,
+                                   world_size=world_size)
     sampler.set_epoch(epoch)
     return sampler
 
@@ -45,10 +56,10 @@ def at_16k(cuts: Iterable) -> list:
 
 def iterate_batches(
     cuts: CutSet, tokenizer: TokenEncoder, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
-    rank: int = 0, world_size: int = 1,
+    rank: int = 0, world_size: int = 1, max_duration: float = 0.0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield ``speech, speech_lengths, text, text_lengths`` batches (text padded with -1) of :func:`cut_batches`."""
-    for batch in cut_batches(cuts, batch_size, epoch, seed, shuffle, rank, world_size):
+    for batch in cut_batches(cuts, batch_size, epoch, seed, shuffle, rank, world_size, max_duration):
         speech, speech_lengths = collate_audio(CutSet.from_cuts(at_16k(batch)))
         ids = [torch.tensor(tokenizer.encode(c.supervisions[0].text or "", where=f"cut {c.id}")) for c in batch]
         yield {

@@ -193,3 +193,27 @@ def test_temporary_output_of_a_killed_writer_is_removed_by_the_next(tmp_path):
     with atomic_path(tmp_path / "out") as tmp:
         tmp.write_text("whole")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out").read_text() == "whole"
+
+
+def test_batches_by_duration_hold_similar_lengths(fsdd_dir):
+    """``max_duration``: lhotse's bucketing gives batches of similar-length recordings, each at most that
+    many seconds, every cut once per epoch, and the same number of batches on each of two ranks."""
+    from lhotse import Recording
+
+    from pqm.batches import cut_batches
+
+    files = sorted((fsdd_dir / "recordings").glob("*_jackson_*.wav"))[:120]
+    cuts = CutSet.from_cuts(Recording.from_file(f).to_cut() for f in files).to_eager()
+
+    def padding(batches) -> float:
+        """The share of the batches' padded audio that is padding."""
+        return 1 - sum(c.duration for b in batches for c in b) / sum(len(b) * max(c.duration for c in b) for b in batches)
+
+    by_count = list(cut_batches(cuts, 16, epoch=1))
+    by_time = list(cut_batches(cuts, 16, epoch=1, max_duration=8.0))
+    assert sorted(c.id for b in by_time for c in b) == sorted(cuts.ids)
+    assert all(sum(c.duration for c in b) <= 8.0 for b in by_time)
+    assert padding(by_time) < padding(by_count) / 2
+    ranks = [list(cut_batches(cuts, 16, epoch=1, rank=r, world_size=2, max_duration=8.0)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    assert not {c.id for b in ranks[0] for c in b} & {c.id for b in ranks[1] for c in b}

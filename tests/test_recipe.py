@@ -256,7 +256,7 @@ def test_killed_stage_is_redone_cleanly(recipe):
     """SIGKILL during SAT (two torchrun processes) with a new learning rate, after its first checkpoint: the
     old adapter stays whole, the rerun resumes from the checkpoint and finishes."""
     exp = recipe["exp"]
-    opts = [*recipe["opts"], "--sat-lr", "0.002", "--sat-epochs", "30", "--sat-nproc", "2", "--stage", "6", "--stop-stage", "6"]
+    opts = [*recipe["opts"], "--sat-lr", "0.002", "--sat-epochs", "8", "--sat-nproc", "2", "--stage", "6", "--stop-stage", "6"]
     (exp / ".done" / "stage6").unlink()
     adapter = exp / "sat" / "adapter_model.safetensors"
     before = adapter.read_bytes()
@@ -278,15 +278,15 @@ def test_killed_stage_is_redone_cleanly(recipe):
     resumed = re.search(r"resuming from \S+ after epoch (\d+)", log.read_text())
     assert resumed and int(resumed.group(1)) >= 1, "the rerun did not resume from the killed run's checkpoint"
     meta = json.loads((exp / "sat" / "pqm_adapter.json").read_text())
-    assert meta["lr"] == 0.002 and meta["epochs"] == 30 and meta["base_fingerprint"] and meta["world_size"] == 2
+    assert meta["lr"] == 0.002 and meta["epochs"] == 8 and meta["base_fingerprint"] and meta["world_size"] == 2
     assert not [p for p in exp.iterdir() if p.name.startswith(".sat.")]  # no temporary left
 
 
 def test_killed_training_resumes_to_the_same_model(recipe, tmp_path):
     """Stage 4 (ESPnet's trainer) killed with SIGKILL resumes from its last checkpoint to the same model.
 
-    Both runs continue the fixture's 15-epoch training to 20 epochs; one is
-    killed after its 17th epoch and rerun.
+    Both runs continue the fixture's 15-epoch training to 18 epochs; one is
+    killed after its 16th epoch and rerun.
     """
     def copy(name: str) -> Path:
         exp = tmp_path / name
@@ -296,18 +296,18 @@ def test_killed_training_resumes_to_the_same_model(recipe, tmp_path):
             (exp / ".done" / f"stage{n}").unlink(missing_ok=True)
         return exp
 
-    opts = [*recipe["opts"], "--max-epoch", "20", "--stage", "4", "--stop-stage", "4"]
+    opts = [*recipe["opts"], "--max-epoch", "18", "--stage", "4", "--stop-stage", "4"]
     straight, killed = copy("straight"), copy("killed")
     run_sh(*opts, "--expdir", str(straight))
     log = killed / "log" / "stage4.log"
     proc = subprocess.Popen(["./run.sh", *opts, "--expdir", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and "17epoch results" not in (log.read_text() if log.exists() else ""):
+    while time.time() < deadline and "16epoch results" not in (log.read_text() if log.exists() else ""):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert "17epoch results" in log.read_text() and "20epoch results" not in log.read_text()
+    assert "16epoch results" in log.read_text() and "18epoch results" not in log.read_text()
     assert not (killed / ".done" / "stage4").exists()
     run_sh(*opts, "--expdir", str(killed))
     assert "The training was resumed using" in log.read_text()

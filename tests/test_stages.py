@@ -89,3 +89,14 @@ def test_the_command_line_exits_3_for_a_done_stage(tmp_path):
     assert run("done", "1", "3").returncode == 0
     skipped = run("begin", "1", "get the corpus")
     assert skipped.returncode == ALREADY_DONE and "Stage 1: get the corpus: already done" in skipped.stdout
+
+
+def test_an_option_added_later_counts_as_its_old_behaviour(tmp_path):
+    """A marker written before ``--sat-max-duration`` existed counts as done with 0 (fixed batch sizes)."""
+    done = markers(tmp_path)
+    done.done(6, 1)
+    marker = tmp_path / ".done" / "stage6"
+    marker.write_text("".join(x for x in marker.read_text().splitlines(keepends=True)
+                              if not x.startswith("--sat-max-duration")))
+    assert markers(tmp_path, sat_max_duration="0").changed(6) == ""
+    assert markers(tmp_path, sat_max_duration="64").changed(6) == "was --sat-max-duration 0; now --sat-max-duration 64"

@@ -15,6 +15,7 @@ from lhotse import CutSet, Recording
 from safetensors.torch import load_file
 
 from conftest import FSDD, ROOT, TINY_CONFIG
+from pqm.batches import cut_batches
 from pqm.errors import BadInput
 from pqm.recipes.tedlium3 import prepare_tedlium3_split
 from test_recipe import run_sh
@@ -122,7 +123,7 @@ def test_tedlium3_recipe_with_a_bpe_conformer_end_to_end(fsdd_dir, tmp_path):
     exp, data = tmp_path / "exp", tmp_path / "data"
     proc = run_sh("--corpus", "tedlium3", "--corpus-opts", f"--corpus-dir {corpus} --adapt-per-speaker 3",
                   "--datadir", str(data), "--expdir", str(exp), "--train-config", str(TINY_CONFIG), "--nbpe", "20",
-                  "--max-epoch", "1",
+                  "--max-epoch", "1", "--sat-max-duration", "12",
                   "--sat-epochs", "1", "--sa-epochs", "2", "--beam-size", "2", "--nj", "2")
     assert "reading .sph with LibsndfileBackend" in proc.stdout  # no sph2pipe here
     # stage 3: segments written as 16 kHz files ESPnet reads whole, a sentencepiece model and its token list
@@ -139,6 +140,11 @@ def test_tedlium3_recipe_with_a_bpe_conformer_end_to_end(fsdd_dir, tmp_path):
     assert results["corpus"] == "tedlium3" and results["test_speakers"] == ["GeorgeTalk_2013", "NicolasTalk_2014"]
     for r in results["systems"].values():
         assert r["words"] == 20 and set(r["per_speaker"]) == {"GeorgeTalk_2013", "NicolasTalk_2014"}
+    sat = json.loads((exp / "sat" / "pqm_adapter.json").read_text())  # SAT on batches of at most 12 s
+    train = CutSet.from_file(data / "manifests" / "tedlium3_cuts_train.jsonl.gz")
+    n = sum(1 for _ in cut_batches(train, 16, max_duration=12))
+    assert sat["run_key"]["max_duration"] == 12 and n > 48 / 16
+    assert "mean loss" in (log := (exp / "log" / "stage6.log").read_text()) and f"over {n} batches" in log
     hyps = exp / "decode" / "pqm" / "GeorgeTalk_2013" / "text"
     assert hyps.is_file() and "▁" not in hyps.read_text()  # pieces joined back into words
 

@@ -190,12 +190,14 @@ def embedding_modules() -> list[str]:
 
 
 def batch_iterator(fp_dir: Path, window: str = "padded"):
-    """``iterate(cuts, batch_size, epoch, seed, rank, world_size)``: ESPnet's forward arguments
+    """``iterate(cuts, batch_size, epoch, seed, rank, world_size, max_duration)``: ESPnet's forward arguments
     (whole utterances: ``window`` applies to Whisper only)."""
     tokenizer = token_encoder(fp_dir)
 
-    def iterate(cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
-        return iterate_batches(cuts, tokenizer, batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size)
+    def iterate(cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                max_duration: float = 0.0):
+        return iterate_batches(cuts, tokenizer, batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
+                               max_duration=max_duration)
 
     return iterate
 

@@ -177,8 +177,10 @@ def batch_iterator(fp_dir: Path, window: str = "padded") -> Callable[..., Iterat
     tokenizer.set_prefix_tokens(predict_timestamps=False)
     start = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
 
-    def iterate(cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
-        for batch in cut_batches(cuts, batch_size, epoch, seed, rank=rank, world_size=world_size):
+    def iterate(cuts: CutSet, batch_size: int, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                max_duration: float = 0.0):
+        for batch in cut_batches(cuts, batch_size, epoch, seed, rank=rank, world_size=world_size,
+                                 max_duration=max_duration):
             texts = []
             for c in batch:
                 text = (c.supervisions[0].text or "").strip()
