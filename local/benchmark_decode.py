@@ -19,9 +19,18 @@ same thresholds are given to faster-whisper):
   converted with CTranslate2's own converter (``ct2-transformers-converter``,
   ``--quantization int8`` / ``float32``), 30 s window (faster-whisper pads so).
 
+With ``--batch-sizes 8`` the clips are also decoded 8 at a time (as a service
+or a batch job would): the recipe's models through ``Transcriber.transcribe_mixed``
+(each clip with its own speaker's adapter, one batch), CTranslate2 through
+``generate`` on the batch's features, which faster-whisper's own
+``transcribe`` cannot batch across files (its feature extractor, tokenizer,
+30 s padding and token limit). At a batch size over 1 both sides decode at
+temperature 0 only: faster-whisper's fallback lives in its per-file
+``transcribe``.
+
 The clips are spread over the speakers (``--max-utts``: each speaker's first
 clip by id, then each one's second, ...). Each configuration runs in its own
-process, for every ``--threads`` and ``--beams``: real-time factor (decoding
+process, for every ``--threads``, ``--beams`` and ``--batch-sizes``: real-time factor (decoding
 seconds / audio seconds, after one warm-up clip; model loading and, for
 ``nf4_lora``, loading every speaker's adapter beforehand are reported apart)
 and the peak resident memory of the process. faster-whisper's process never imports
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import resource
@@ -96,13 +106,16 @@ def child_pqm(spec: dict) -> dict:
     from pqm.transcribe import Transcriber
 
     torch.set_num_threads(spec["threads"])
+    from pqm.families import whisper
+
+    whisper.DECODING = {**whisper.DECODING, "temperature": spec["temperature"]}
     start = time.perf_counter()
     cuts = list(CutSet.from_file(spec["cuts"]).subset(cut_ids=spec["ids"]))
     cuts.sort(key=lambda c: spec["ids"].index(c.id))
     speakers = sorted({c.supervisions[0].speaker for c in cuts})
     model = Transcriber(Path(spec["expdir"]), beam_size=spec["beam"], quantise=spec["config"] != "fp",
                         cache=len(speakers))
-    model.rec.batch_size = 1
+    model.rec.batch_size = spec["batch"]
     load = time.perf_counter() - start
     adapters = {s: model.adapter_of(s)[0] if spec["config"] == "nf4_lora" else None for s in speakers}
     start = time.perf_counter()
@@ -114,9 +127,11 @@ def child_pqm(spec: dict) -> dict:
         return adapters[cut.supervisions[0].speaker]
 
     model.transcribe([cuts[0]], adapter(cuts[0]))  # warm-up, not timed
-    hyps, start = {}, time.perf_counter()
-    for cut in cuts:
-        hyps.update(model.transcribe([cut], adapter(cut)))
+    hyps, start, n = {}, time.perf_counter(), spec["batch"]
+    for i in range(0, len(cuts), n):
+        batch = cuts[i : i + n]
+        hyps.update(model.transcribe(batch, adapter(batch[0])) if n == 1 else
+                    model.transcribe_mixed(batch, [adapter(c) for c in batch]))
     from pqm.decode import adapter_window
 
     window = ", ".join(sorted({adapter_window(a) for a in adapters.values() if a is not None})) or "padded"
@@ -142,10 +157,26 @@ def child_ct2(spec: dict) -> dict:
         segments, _ = model.transcribe(audio[utt], **options)
         return " ".join(" ".join(s.text for s in segments).split())
 
-    run(spec["ids"][0])  # warm-up, not timed
+    def run_batch(utts: list[str]) -> list[str]:
+        """One ``generate`` call on the clips' 30 s features (as faster-whisper's transcribe pads them)."""
+        import ctranslate2
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language="en")
+        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+        feats = np.stack([pad_or_trim(model.feature_extractor(audio[u])[:, :3000]) for u in utts])
+        results = model.model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)),
+                                       [prompt] * len(utts), beam_size=spec["beam"],
+                                       max_length=len(prompt) + MAX_NEW_TOKENS, suppress_blank=True, suppress_tokens=[-1])
+        return [" ".join(tokenizer.decode(r.sequences_ids[0]).split()) for r in results]
+
+    n = spec["batch"]
+    run(spec["ids"][0]) if n == 1 else run_batch(spec["ids"][:1])  # warm-up, not timed
     hyps, start = {}, time.perf_counter()
-    for utt in spec["ids"]:
-        hyps[utt] = run(utt)
+    for i in range(0, len(spec["ids"]), n):
+        utts = spec["ids"][i : i + n]
+        hyps.update({utts[0]: run(utts[0])} if n == 1 else dict(zip(utts, run_batch(utts))))
     return {"load_s": load, "decode_s": time.perf_counter() - start, "hyps": hyps}
 
 
@@ -169,14 +200,15 @@ def run_config(spec: dict, log: Path) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| clips | config | threads | beam | window | RTF | x fp speed | peak MB | load s | adapters s | WER (%) "
-            "| errors | words |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    fp = {(r["set"], r["threads"], r["beam"]): r["rtf"] for r in rows if r["config"] == "fp"}
+    head = ("| clips | config | threads | beam | batch | window | RTF | x fp speed | peak MB | load s | adapters s "
+            "| WER (%) | errors | words |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    fp = {(r["set"], r["threads"], r["beam"], r["batch"]): r["rtf"] for r in rows if r["config"] == "fp"}
     lines = []
     for r in rows:
-        base = fp.get((r["set"], r["threads"], r["beam"]))
+        base = fp.get((r["set"], r["threads"], r["beam"], r["batch"]))
         speed = f"{base / r['rtf']:.2f}" if base else "-"
-        lines.append(f"| {r['set']} | {r['config']} | {r['threads']} | {r['beam']} | {r['window']} | {r['rtf']:.3f} | "
+        lines.append(f"| {r['set']} | {r['config']} | {r['threads']} | {r['beam']} | {r['batch']} | {r['window']} | "
+                     f"{r['rtf']:.3f} | "
                      f"{speed} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | {r['adapters_s']:.1f} | {r['wer']:.2f} | "
                      f"{r['errors']} | {r['words']} |")
     return head + "\n".join(lines) + "\n"
@@ -190,6 +222,8 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
+                   help="clips decoded at a time (over 1: temperature 0 only, on both sides)")
     p.add_argument("--out", type=Path, default=None, help="default: <expdir>/benchmark_decode")
     a = p.parse_args()
 
@@ -218,25 +252,24 @@ def main() -> None:
         normalise = family(fp_dir).text_normaliser(fp_dir, split_digits(cuts_path.parent))
         speakers = {c.supervisions[0].speaker for c in cuts}
         print(f"{name}: {len(cuts)} clips, {seconds:.1f} s of audio, {len(speakers)} speakers", flush=True)
-        for config in a.configs:
-            for threads in a.threads:
-                for beam in a.beams:
-                    spec = {"config": config, "threads": threads, "beam": beam, "expdir": str(a.expdir),
-                            "cuts": str(cuts_path), "ids": ids, "audio": str(audio), "ct2_dir": str(ct2.get(config)),
-                            "temperature": DECODING["temperature"], "compression": DECODING["compression_ratio_threshold"],
-                            "logprob": DECODING["logprob_threshold"]}
-                    r = run_config(spec, out / "log" / f"{name}.{config}.t{threads}.b{beam}.log")
-                    hyps = [r["hyps"][i] for i in ids]
-                    counted = count_errors([normalise(t) for t in refs], [normalise(h) for h in hyps])
-                    counted["wer"] = 100 * counted["errors"] / counted["words"]  # unrounded: the table rounds
-                    row = {"set": name, "config": config, "threads": threads, "beam": beam,
-                           "window": r.get("window", "padded"), "clips": len(ids), "audio_s": round(seconds, 2),
-                           "rtf": r["decode_s"] / seconds, "load_s": r["load_s"], "adapters_s": r.get("adapters_s", 0.0),
-                           "peak_rss_mb": r["peak_rss_mb"],
-                           **counted, "hyps": r["hyps"]}
-                    rows.append(row)
-                    print(f"  {config:9s} threads {threads} beam {beam}: RTF {row['rtf']:.3f}, peak "
-                          f"{row['peak_rss_mb']:.0f} MB, WER {row['wer']:.2f}%", flush=True)
+        for config, threads, beam, batch in itertools.product(a.configs, a.threads, a.beams, a.batch_sizes):
+            spec = {"config": config, "threads": threads, "beam": beam, "batch": batch, "expdir": str(a.expdir),
+                    "cuts": str(cuts_path), "ids": ids, "audio": str(audio), "ct2_dir": str(ct2.get(config)),
+                    "temperature": DECODING["temperature"] if batch == 1 else [0.0],
+                    "compression": DECODING["compression_ratio_threshold"],
+                    "logprob": DECODING["logprob_threshold"]}
+            r = run_config(spec, out / "log" / f"{name}.{config}.t{threads}.b{beam}.n{batch}.log")
+            hyps = [r["hyps"][i] for i in ids]
+            counted = count_errors([normalise(t) for t in refs], [normalise(h) for h in hyps])
+            counted["wer"] = 100 * counted["errors"] / counted["words"]  # unrounded: the table rounds
+            row = {"set": name, "config": config, "threads": threads, "beam": beam, "batch": batch,
+                   "window": r.get("window", "padded"), "clips": len(ids), "audio_s": round(seconds, 2),
+                   "rtf": r["decode_s"] / seconds, "load_s": r["load_s"], "adapters_s": r.get("adapters_s", 0.0),
+                   "peak_rss_mb": r["peak_rss_mb"],
+                   **counted, "hyps": r["hyps"]}
+            rows.append(row)
+            print(f"  {config:9s} threads {threads} beam {beam} batch {batch}: RTF {row['rtf']:.3f}, peak "
+                  f"{row['peak_rss_mb']:.0f} MB, WER {row['wer']:.2f}%", flush=True)
     table = markdown(rows)
     (out / "benchmark.md").write_text(table)
     (out / "benchmark.json").write_text(json.dumps(rows, indent=1))

@@ -126,7 +126,7 @@ def test_embedding_quantisation_is_most_of_the_saving(whisper_run, tmp_path):
 
 
 @pytest.mark.e2e
-def test_decoding_benchmark_decodes_as_transcribe_does(whisper_run, tmp_path):
+def test_decoding_benchmark_decodes_as_transcribe_does(whisper_run, tmp_path, monkeypatch):
     """local/benchmark_decode.py, each configuration in its own process, gives the hypotheses of
     pqm.transcribe's Transcriber (one clip at a time, as a user's files), and reports speed, memory and WER.
     (Stage 8 decodes 8 clips at a time: the fallback's sampling then draws for the batch, so a clip that
@@ -151,7 +151,20 @@ def test_decoding_benchmark_decodes_as_transcribe_does(whisper_run, tmp_path):
         assert rows[config]["hyps"] == {c.id: model.transcribe([c], None)[c.id] for c in clips}
     for r in rows.values():
         assert r["clips"] == 2 and r["rtf"] > 0 and r["peak_rss_mb"] > 100 and r["words"] > 0
-    assert "| fsdd | nf4_lora | 1 | 1 | trimmed |" in (out / "benchmark.md").read_text()
+    assert "| fsdd | nf4_lora | 1 | 1 | 1 | trimmed |" in (out / "benchmark.md").read_text()
+    # two clips in one mixed-speaker batch, at temperature 0: what Transcriber.transcribe_mixed gives them
+    proc = subprocess.run([sys.executable, "local/benchmark_decode.py", "--expdir", str(exp), "--cuts", str(cuts),
+                           "--max-utts", "2", "--configs", "nf4_lora", "--threads", "1", "--beams", "1",
+                           "--batch-sizes", "2", "--out", str(tmp_path / "batched")], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "batched" / "benchmark.json").read_text())
+    assert row["batch"] == 2 and row["clips"] == 2 and row["words"] > 0
+    import pqm.families.whisper as whisper
+
+    monkeypatch.setattr(whisper, "DECODING", {**whisper.DECODING, "temperature": [0.0]})
+    model = Transcriber(exp, beam_size=1)
+    assert row["hyps"] == model.transcribe_mixed(clips, [model.adapter_of(c.supervisions[0].speaker)[0] for c in clips])
 
 
 def test_token_limit_follows_the_audio(whisper_dir, monkeypatch):
