@@ -455,9 +455,9 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         logging.info(f"LoRA started from the SVD of the quantisation error: {100 * share:.1f}% of its energy removed")
         del fp_weights
     timer.done("quantise, add LoRA")
+    batches_of = models.batch_iterator(a.fp_dir, a.window)
     if a.targets == "pseudo":
-        train_cuts, pseudo = pseudo_labelled(rec, cuts, models.batch_iterator(a.fp_dir, a.window), models.token_loss,
-                                             a.pseudo_keep, a.device)
+        train_cuts, pseudo = pseudo_labelled(rec, cuts, batches_of, models.token_loss, a.pseudo_keep, a.device)
         timer.done("pseudo-labels")
         if len(train_cuts) == 0 and ranks.main:
             reason = f"no hypothesis of the {len(cuts)} adaptation utterances can be a target (empty or unencodable)"
@@ -474,7 +474,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
         normaliser = models.text_normaliser(a.fp_dir, split_digits(a.cuts.parent))
         selection = Selection(held_out_errors(rec, held_out, normaliser))
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
-    losses = train_adapter(model, train_cuts, models.batch_iterator(a.fp_dir, a.window), a.epochs, a.lr, a.batch_size,
+    losses = train_adapter(model, train_cuts, batches_of, a.epochs, a.lr, a.batch_size,
                            a.seed, a.device, checkpoint, ranks, selection, a.lr_schedule, a.warmup_ratio,
                            a.max_duration)
     timer.done("train" + (" and decode the held-out utterances" if held_out else ""))
