@@ -39,6 +39,7 @@ sat_utts=0              # SAT on at most this many training utterances (0: all)
 sat_max_duration=0      # SAT batches of similar-length utterances of at most this many seconds (0: 16 utterances)
 sat_init=zero           # SAT LoRA start: zero (peft's default, B = 0) or svd (the rank-r SVD of the NF4 quantisation error)
 sa_epochs=10
+sa_utts=0               # per-speaker adaptation on each speaker's first N adaptation utterances (0: all; local/data_amounts.sh)
 sa_lr=0.001
 sa_lr_schedule=constant # per-speaker lr: constant, or linear (warm-up over 10% of the steps, then linear decay to 0)
 unsup=false             # also pqm_unsup: per-speaker LoRA from SAT on nf4_sat's own hypotheses (transcripts unread)
@@ -131,7 +132,7 @@ stage7() {  # per-speaker adapters of each system; a failed speaker stops neithe
         [ "${system}" != nf4_sa ] || init=(--holdout "${sa_holdout}")
         [ "${system}" != pqm_unsup ] || init=(--init "${expdir}/sat" --targets pseudo --pseudo-keep "${unsup_keep}")
         speaker_jobs "adapt_${system}" python -m pqm.adapt "${opts_lora[@]}" "${init[@]}" --cuts "$(cuts adapt)" \
-            --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" \
+            --max-utts "${sa_utts}" --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" \
             --ctc-weight "${ctc_weight}" --out "${expdir}/adapters/${system}" || failed="${failed} ${system}"
     done
     [ -z "${failed}" ] || die "adaptation failed for some speakers of:${failed} (listed above); rerun stage 7 to redo only those"
@@ -156,5 +157,6 @@ run_stage 6 "speaker adaptive training (SAT LoRA)" "${sat_launcher[@]}" -m pqm.a
     --max-duration "${sat_max_duration}" --out "${expdir}/sat"
 run_stage 7 "per-speaker LoRA adaptation" stage7
 run_stage 8 "decoding" stage8
-run_stage 9 "scoring" python -m pqm.score --expdir "${expdir}" --cuts "$(cuts eval)" --model "${model}" --corpus "${corpus}"
+run_stage 9 "scoring" python -m pqm.score --expdir "${expdir}" --cuts "$(cuts eval)" --model "${model}" --corpus "${corpus}" \
+    --adapt-cuts "$(cuts adapt)" --adapt-utts "${sa_utts}"
 log "finished stages ${stage}..${stop_stage}; results: ${expdir}/results.json, ${expdir}/RESULTS.md"

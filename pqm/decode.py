@@ -8,7 +8,7 @@ LoRA started from SAT) and, when asked for, ``pqm_unsup`` (the same, trained on
 a Conformer and ``generate`` for Whisper (each family's ``recognizer``, :mod:`pqm.families`).
 Hypotheses go to ``<out>/<system>/<speaker>/text`` (Kaldi ``text`` format),
 and ``<out>/<system>/<speaker>/info.json`` records any fallback and the
-``run_key`` of the inputs: a system already decoded from the same models,
+``run_keys`` of the inputs: a system already decoded from the same models,
 utterances and settings is not decoded again, so rerunning the stage redoes
 only the speakers (and systems) whose jobs failed.
 """
@@ -55,18 +55,23 @@ def _adapter_digest(adapter: Path) -> str | None:
     return file_digest(weights) if weights.exists() else None
 
 
-def run_key(a: argparse.Namespace, tag: str, cuts: CutSet) -> dict:
-    """Everything that determines the hypotheses of one speaker job."""
-    return {
+def run_keys(a: argparse.Namespace, tag: str, cuts: CutSet, systems: list[str]) -> dict[str, dict]:
+    """Everything that determines each system's hypotheses of one speaker job: the models it uses (a
+    per-speaker system may fall back to SAT), the utterances and the decoding settings. A system is
+    decoded again only if its own key changed (``local/data_amounts.sh`` keeps ``fp``, ``nf4`` and
+    ``nf4_sat`` while the per-speaker adapters change)."""
+    common = {
         "fp": file_digest(require(a.fp_dir / "model.safetensors", "stage 4")),
-        "nf4": read_json(a.nf4_dir / "nf4.json", "stage 5")["fingerprint"],
-        "sat": _adapter_digest(a.sat_dir),
-        **{system: _adapter_digest(a.adapter_dir / system / tag) for system in PER_SPEAKER
-           if system in DEFAULT_SYSTEMS or system in a.systems},
         "utterances": ids_digest(c.id for c in cuts),
         "beam_size": a.beam_size, "ctc_weight": a.ctc_weight, **family(a.fp_dir).DECODING,
         **({"max_tokens_per_second": a.max_tokens_per_second} if a.max_tokens_per_second else {}),
     }
+    nf4 = {"nf4": read_json(a.nf4_dir / "nf4.json", "stage 5")["fingerprint"]}
+    sat = {**nf4, "sat": _adapter_digest(a.sat_dir)}
+    keys = {"fp": common, "nf4": {**common, **nf4}, "nf4_sat": {**common, **sat}}
+    for system in PER_SPEAKER:
+        keys[system] = {**common, **sat, system: _adapter_digest(a.adapter_dir / system / tag)}
+    return {system: keys[system] for system in systems}
 
 
 def adapter_window(adapter: Path) -> str:
@@ -109,16 +114,16 @@ def main(argv: list[str] | None = None) -> None:
         cuts = cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_eager()
     if len(cuts) == 0:
         raise BadInput(f"no utterances of speaker {speaker!r} in {a.cuts}")
-    key = run_key(a, tag, cuts)
     wanted = [s for s in SYSTEMS if s in a.systems]
-    todo = [s for s in wanted if not already_decoded(a.out / s / tag, key)]
+    keys = run_keys(a, tag, cuts, wanted)
+    todo = [s for s in wanted if not already_decoded(a.out / s / tag, keys[s])]
     if not todo:
         logging.info(f"{tag}: {', '.join(wanted)} already decoded from these models and settings: nothing to do")
         return
     rec = models.recognizer(a.fp_dir, a.device, a.beam_size, a.ctc_weight)
     peft_model, base_fingerprint, missing = None, None, []
     for system in SYSTEMS[: SYSTEMS.index(todo[-1]) + 1]:
-        info: dict = {"system": system, "speaker": speaker, "run_key": key}
+        info: dict = {"system": system, "speaker": speaker, "run_key": keys.get(system)}
         use = contextlib.nullcontext()
         window = "padded"  # the base model decodes as it was trained; an adapter, as it was trained
         if system == "nf4":

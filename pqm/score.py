@@ -133,6 +133,8 @@ def markdown(results: dict) -> str:
                                                   for what, n in size["nf4_by_kind"].items())] if "nf4_by_kind" in size else []),
         *([f"- one speaker's adapter file: {size['adapter']:,} bytes ({100 * size['adapter'] / size['nf4']:.2f}% of the "
            "NF4 file)"] if "adapter" in size else []),
+        *([f"- adaptation speech per test speaker: {adaptation['utterances_per_speaker'] or 'all'} utterances, "
+           f"{adaptation['minutes_per_speaker']:.2f} minutes on average"] if (adaptation := results.get("adaptation")) else []),
         "",
         "| system | WER (%) | errors | words | rel. vs fp (%) | rel. vs nf4 (%) | speakers no worse than fp |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -204,6 +206,17 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def adaptation_speech(cuts: CutSet, utts: int) -> dict:
+    """How much adaptation speech each test speaker had: the first ``utts`` (0: all) of the speaker's
+    adaptation cuts, in manifest order, as stage 7 takes them (``--sa-utts``)."""
+    durations: dict[str, list[float]] = {}
+    for cut in cuts:
+        durations.setdefault(cut.supervisions[0].speaker, []).append(cut.duration)
+    used = [sum(d[:utts] if utts else d) for d in durations.values()]
+    return {"utterances_per_speaker": utts or None,
+            "minutes_per_speaker": round(sum(used) / max(len(used), 1) / 60, 3)}
+
+
 def stage_seconds(expdir: Path, started: float) -> dict[str, float]:
     """Wall time per stage as recorded by run.sh in ``<expdir>/timing/stage<N>.seconds``; stage 9 (this
     one, still running) from ``started``, the time scoring began (the interpreter's start-up not counted)."""
@@ -223,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cuts", type=Path, required=True, help="evaluation cuts (references)")
     p.add_argument("--corpus", default="fsdd")
     p.add_argument("--model", default="conformer", choices=FAMILIES)
+    p.add_argument("--adapt-cuts", type=Path, default=None, help="adaptation cuts (the speech each speaker had)")
+    p.add_argument("--adapt-utts", type=int, default=0, help="stage 7's --sa-utts: the first N of each speaker's")
     a = p.parse_args(argv)
     setup_logging()
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
@@ -249,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         "size_bytes": {**size["size_bytes"], **nf4_by_kind(size.get("breakdown_bytes")),
                        **({"adapter": max(f.stat().st_size for f in adapters)} if adapters else {})},
         "params": {"base": size["params"], "lora_per_speaker": max(lora)},
+        **({"adaptation": adaptation_speech(CutSet.from_file(a.adapt_cuts), a.adapt_utts)}
+           if a.adapt_cuts and a.adapt_cuts.exists() else {}),
         "stage_seconds": stage_seconds(a.expdir, started),
     }
     write_json(a.expdir / "results.json", results)
