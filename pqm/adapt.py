@@ -406,8 +406,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
     if speaker is not None:
         cuts = cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_eager()
-    if a.max_utts:
-        cuts = cuts.subset(first=min(a.max_utts, len(cuts)))
+    if a.max_utts and len(cuts) > a.max_utts:
+        cuts = cuts.subset(first=a.max_utts)
     if len(cuts) == 0 and speaker is None:
         raise BadInput(f"{a.cuts} holds no utterances to train on: rerun stage 2 (manifests)")
     if len(cuts) == 0:
