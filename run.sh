@@ -29,7 +29,7 @@ nf4_blocksize=64
 nf4_double_quant=true
 nf4_min_conv_numel=2048 # quantise convolutions with at least this many weights
 nf4_embeddings=false    # whisper: also quantise the token embedding and the output projection tied to it
-nf4_unquantised_dtype=float32  # float16: store what NF4 leaves in full precision (norms, biases, positions) as float16
+nf4_unquantised_dtype=""  # float32 or float16: how NF4 stores what stays full precision (default: the family's)
 lora_r=8
 lora_alpha=16
 lora_targets=""         # regex over module names (default: the model family's DEFAULT_TARGETS, pqm/families/)
@@ -77,7 +77,8 @@ corpus_inputs=$(sed -n 's/^inputs //p' <<< "${corpus_info}")  # a digest of inpu
 family_opts=(--model "${model}" --expdir "${expdir}" --datadir "${datadir}" --corpus "${corpus}" --pretrained "${pretrained}"
     --token-type "${token_type}" --nbpe "${nbpe}" --train-config "${train_config}" --max-epoch "${max_epoch}"
     --seed "${seed}" --device "${device}" --ngpu "${ngpu}")
-python -m pqm.families check "${family_opts[@]}" || die "--model ${model}: see above"
+family_info=$(python -m pqm.families check "${family_opts[@]}") || die "--model ${model}: see above"
+nf4_unquantised_dtype=${nf4_unquantised_dtype:-$(sed -n 's/^unquantised_dtype //p' <<< "${family_info}")}
 # lhotse reads TED-LIUM's .sph with sph2pipe; without it, with libsndfile
 [ "${corpus}" != tedlium3 ] || command -v sph2pipe > /dev/null || export LHOTSE_AUDIO_BACKEND=LibsndfileBackend
 [ "${sat_nproc}" -gt 0 ] || sat_nproc=$([ "${device}" = cuda ] && echo "${ngpu}" || echo 1)

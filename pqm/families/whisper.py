@@ -84,6 +84,11 @@ def load_processor(fp_dir: Path):
     return WhisperProcessor.from_pretrained(require(fp_dir, FP_MADE_BY), local_files_only=True)
 
 
+# float16 storage of what stays full precision has not been measured to change no hypothesis of every system
+# here (egs/speechocean762/README.md): float32 unless --nf4-unquantised-dtype float16 asks.
+UNQUANTISED_DTYPE = "float32"
+
+
 def keep_full_precision(embeddings: bool = False) -> list[str]:
     """Modules NF4 leaves alone (:data:`KEEP_FULL_PRECISION`; the output projection is quantised with the
     token embedding it shares its weight with when ``embeddings``)."""
