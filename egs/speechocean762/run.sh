@@ -7,4 +7,4 @@ cd "$(dirname "$0")/../.."
 exec ./run.sh --corpus speechocean762 --datadir data/speechocean762 --model whisper \
     --pretrained ../shared/models/whisper-tiny.en \
     --whisper-window trimmed --target-style model --sa-holdout 3 \
-    --sat-epochs 2 --sa-epochs 10 --sa-lr 0.0003 --beam-size 1 "$@"
+    --sat-epochs 2 --sat-max-duration 64 --sa-epochs 10 --sa-lr 0.0003 --beam-size 1 "$@"
