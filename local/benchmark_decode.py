@@ -157,14 +157,15 @@ def child_ct2(spec: dict) -> dict:
         segments, _ = model.transcribe(audio[utt], **options)
         return " ".join(" ".join(s.text for s in segments).split())
 
+    import ctranslate2
+    from faster_whisper.audio import pad_or_trim
+    from faster_whisper.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language="en")
+    prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+
     def run_batch(utts: list[str]) -> list[str]:
         """One ``generate`` call on the clips' 30 s features (as faster-whisper's transcribe pads them)."""
-        import ctranslate2
-        from faster_whisper.audio import pad_or_trim
-        from faster_whisper.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language="en")
-        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
         feats = np.stack([pad_or_trim(model.feature_extractor(audio[u])[:, :3000]) for u in utts])
         results = model.model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)),
                                        [prompt] * len(utts), beam_size=spec["beam"],

@@ -98,14 +98,13 @@ class SavableEmbedding4bit(bnb.nn.Embedding4bit):
             return super()._forward_with_partial_dequantize(input)
         # bitsandbytes looks up each row's block scales (absmax); with double quantisation those are
         # themselves 8-bit codes, so they are expanded first, as dequantize_4bit does for a whole weight
-        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        flat = QuantState(absmax=absmax.float(), shape=state.shape, code=state.code, blocksize=state.blocksize,
-                          quant_type=state.quant_type, dtype=state.dtype)
-        rows = self.weight.data.view(torch.uint8).view(self.num_embeddings, self.embedding_dim // 2)
+        absmax = (bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
         blocks = absmax.view(self.num_embeddings, self.embedding_dim // state.blocksize)
-        flat.absmax = F.embedding(input, blocks).reshape(-1)
-        flat.shape = torch.Size((*input.shape, self.embedding_dim))
-        return bnb.functional.dequantize_4bit(F.embedding(input, rows).reshape(-1, 1), flat).to(self.dtype)
+        rows = self.weight.data.view(torch.uint8).view(self.num_embeddings, self.embedding_dim // 2)
+        looked_up = QuantState(absmax=F.embedding(input, blocks).reshape(-1),
+                               shape=torch.Size((*input.shape, self.embedding_dim)), code=state.code,
+                               blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
+        return bnb.functional.dequantize_4bit(F.embedding(input, rows).reshape(-1, 1), looked_up).to(self.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D102
         nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
