@@ -125,18 +125,12 @@ speaker_jobs() {  # speaker_jobs NAME command...: one job per test speaker, task
         "${@:2}" --speaker-list "${speakers}" --job JOB
 }
 
-adapted=(pqm nf4_sa); [ "${unsup}" = false ] || adapted+=(pqm_unsup)  # the per-speaker systems
-stage7() {  # per-speaker adapters of each system; a failed speaker stops neither the others nor the other system
-    local failed="" init
-    for system in "${adapted[@]}"; do
-        init=(--init "${expdir}/sat" --holdout "${sa_holdout}")
-        [ "${system}" != nf4_sa ] || init=(--holdout "${sa_holdout}")
-        [ "${system}" != pqm_unsup ] || init=(--init "${expdir}/sat" --targets pseudo --pseudo-keep "${unsup_keep}")
-        speaker_jobs "adapt_${system}" python -m pqm.adapt "${opts_lora[@]}" "${init[@]}" --cuts "$(cuts adapt)" \
-            --max-utts "${sa_utts}" --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" \
-            --ctc-weight "${ctc_weight}" --out "${expdir}/adapters/${system}" || failed="${failed} ${system}"
-    done
-    [ -z "${failed}" ] || die "adaptation failed for some speakers of:${failed} (listed above); rerun stage 7 to redo only those"
+adapted=(pqm nf4_sa); [ "${unsup}" = false ] || adapted+=(pqm_unsup)  # the per-speaker systems (pqm/systems.py)
+stage7() {  # one job per speaker trains every system's adapter; a failed one stops neither the others nor other speakers
+    speaker_jobs adapt python -m pqm.adapt_speakers "${opts_lora[@]}" --sat-dir "${expdir}/sat" --systems "${adapted[@]}" \
+        --holdout "${sa_holdout}" --pseudo-keep "${unsup_keep}" --cuts "$(cuts adapt)" --max-utts "${sa_utts}" \
+        --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" --ctc-weight "${ctc_weight}" \
+        --adapters "${expdir}/adapters" || die "adaptation failed for the speakers listed above; rerun stage 7 to redo only those"
 }
 
 stage8() {  # every system, per test speaker

@@ -296,15 +296,13 @@ def train_adapter(
     return losses
 
 
-def main(argv: list[str] | None = None) -> None:
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """The options stages 6 and 7 share: model, data, LoRA and optimisation."""
     default = LoraSettings(target_modules="")
-    p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--fp-dir", type=Path, required=True, help="full-precision model (stage 4)")
     p.add_argument("--nf4-dir", type=Path, required=True, help="NF4 model (stage 5)")
     p.add_argument("--cuts", type=Path, required=True, help="lhotse cuts to train on")
-    p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     add_speaker_options(p, "train on")
-    p.add_argument("--init", type=Path, default=None, help="adapter to start from (the SAT adapter); default: new LoRA")
     p.add_argument("--lora-init", default="zero", choices=INITS,
                    help="a new LoRA's start: zero (B = 0, peft's default) or svd (the rank-r SVD of the NF4 "
                         "quantisation error, pqm.lora.init_from_quantisation_error)")
@@ -328,15 +326,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="Whisper input: the 30 s window, or only the batch's longest clip (pqm.families.whisper.features)")
     p.add_argument("--target-style", default="corpus", choices=STYLES,
                    help="Whisper targets: the references as they are, or restyled (pqm.restyle)")
-    p.add_argument("--targets", default="transcripts", choices=("transcripts", "pseudo"),
-                   help="pseudo: the starting adapter's own hypotheses of the audio, transcripts unread (pqm_unsup)")
     p.add_argument("--pseudo-keep", type=float, default=0.3,
                    help="--targets pseudo: the fraction of hypotheses kept, the most confident (lowest loss)")
     p.add_argument("--holdout", type=int, default=0,
                    help="do no harm: hold out the speaker's last N utterances and keep the best epoch only "
                         "if it is no worse there than the starting adapter (0: off)")
     p.add_argument("--ctc-weight", type=float, default=0.5, help="Conformer: CTC weight of held-out decoding")
-    a = p.parse_args(argv)
+
+
+def check_training_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse values :func:`add_training_options`' types let through (``p.error``: exit 2 with usage)."""
     for name in ("epochs", "batch_size", "lora_r", "lora_alpha"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: a positive number is needed")
@@ -344,9 +343,22 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--max-duration {a.max_duration}: a number of seconds >= 0 is needed (0: --batch-size utterances)")
     if a.holdout < 0 or a.lr <= 0:
         p.error("--holdout must be >= 0 and --lr > 0")
-    if a.targets == "pseudo" and (a.init is None or a.holdout or not 0 < a.pseudo_keep <= 1):
-        p.error("--targets pseudo needs --init (the adapter whose hypotheses are the targets), --holdout 0 (the "
-                "held-out rule counts errors against transcripts) and --pseudo-keep in (0, 1]")
+    if not 0 < a.pseudo_keep <= 1:
+        p.error(f"--pseudo-keep {a.pseudo_keep}: a fraction in (0, 1] is needed")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_training_options(p)
+    p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    p.add_argument("--init", type=Path, default=None, help="adapter to start from (the SAT adapter); default: new LoRA")
+    p.add_argument("--targets", default="transcripts", choices=("transcripts", "pseudo"),
+                   help="pseudo: the starting adapter's own hypotheses of the audio, transcripts unread (pqm_unsup)")
+    a = p.parse_args(argv)
+    check_training_options(p, a)
+    if a.targets == "pseudo" and (a.init is None or a.holdout):
+        p.error("--targets pseudo needs --init (the adapter whose hypotheses are the targets) and --holdout 0 (the "
+                "held-out rule counts errors against transcripts)")
     setup_logging()
     a.lora_targets = a.lora_targets or family(a.fp_dir).DEFAULT_TARGETS
     ranks, a.device = init_distributed(a.device)

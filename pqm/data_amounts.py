@@ -18,9 +18,9 @@ from pathlib import Path
 
 from pqm.errors import BadInput, cli, setup_logging
 from pqm.files import atomic_path, read_json, write_json, write_text
+from pqm.systems import ADAPTED, SYSTEMS
 
-PER_SPEAKER = ("pqm", "nf4_sa", "pqm_unsup")
-NO_ADAPTATION = ("fp", "nf4", "nf4_sat")
+NO_ADAPTATION = tuple(s for s in SYSTEMS if s not in ADAPTED)
 RUNS = "amounts"
 
 
@@ -44,7 +44,7 @@ def gather(expdir: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    systems = [s for s in (*PER_SPEAKER, *NO_ADAPTATION) if any(s in r["wer"] for r in rows)]
+    systems = [s for s in (*ADAPTED, *NO_ADAPTATION) if any(s in r["wer"] for r in rows)]
     lines = ["| utterances per speaker | minutes per speaker | " + " | ".join(systems) + " |",
              "|---:|---:|" + "---:|" * len(systems)]
     for r in rows:
@@ -62,7 +62,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     minutes = [r["minutes_per_speaker"] for r in rows]
-    for name in PER_SPEAKER:
+    for name in ADAPTED:
         points = [(m, r["wer"][name]) for m, r in zip(minutes, rows) if r["wer"].get(name) is not None]
         if points:
             ax.plot(*zip(*points), marker="o", label=name)

@@ -29,10 +29,8 @@ from pqm.files import file_digest, ids_digest, read_json, write_json, write_text
 from pqm.jobs import add_speaker_options, job_speaker
 from pqm.lora import META, load_adapter
 from pqm.nf4 import to_nf4
+from pqm.systems import ADAPTED, DEFAULT_SYSTEMS, SYSTEMS
 
-SYSTEMS = ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "pqm_unsup")
-DEFAULT_SYSTEMS = SYSTEMS[:5]  # pqm_unsup only with stage 7's --unsup
-PER_SPEAKER = {"nf4_sa": "nf4", "pqm": "nf4_sat", "pqm_unsup": "nf4_sat"}  # per-speaker systems -> their fallback
 
 
 def write_hyps(out: Path, hyps: dict[str, str] | None, info: dict) -> None:
@@ -69,7 +67,7 @@ def run_keys(a: argparse.Namespace, tag: str, cuts: CutSet, systems: list[str]) 
     nf4 = {"nf4": read_json(a.nf4_dir / "nf4.json", "stage 5")["fingerprint"]}
     sat = {**nf4, "sat": _adapter_digest(a.sat_dir)}
     keys = {"fp": common, "nf4": {**common, **nf4}, "nf4_sat": {**common, **sat}}
-    for system in PER_SPEAKER:
+    for system in ADAPTED:
         keys[system] = {**common, **sat, system: _adapter_digest(a.adapter_dir / system / tag)}
     return {system: keys[system] for system in systems}
 
@@ -132,10 +130,10 @@ def main(argv: list[str] | None = None) -> None:
             peft_model = load_adapter(rec.model, a.sat_dir, base_fingerprint, name="sat")
             peft_model.set_adapter("sat")
             window = adapter_window(a.sat_dir)
-        elif system in PER_SPEAKER:
+        elif system in ADAPTED:
             adapter = a.adapter_dir / system / tag
             if (adapter / "fallback.json").exists():  # no adaptation data, or adapting did harm on held-out speech
-                fallback = PER_SPEAKER[system]
+                fallback = ADAPTED[system].fallback
                 reason = read_json(adapter / "fallback.json").get("reason", "")
                 logging.warning(f"{system}/{tag}: decoding with {fallback} instead ({reason})")
                 info["fallback"] = fallback

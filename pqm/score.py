@@ -15,12 +15,12 @@ from typing import Callable
 import jiwer
 from lhotse import CutSet
 
-from pqm.decode import DEFAULT_SYSTEMS, SYSTEMS
 from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import FAMILIES, family
 from pqm.files import atomic_path, read_json, write_json, write_text
 from pqm.kaldi_table import read_table
 from pqm.recipes import split_digits
+from pqm.systems import DEFAULT_SYSTEMS, SYSTEMS
 
 
 def count_errors(refs: list[str], hyps: list[str]) -> dict:
