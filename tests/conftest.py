@@ -40,6 +40,9 @@ TOKENS = ["<blank>", "<unk>", "eight", "five", "four", "nine", "one", "seven", "
 # its module-scoped fixtures (a recipe run) are built once; the modules that start the local Slurm
 # cluster share one group, so that one worker runs it.
 SLURM_GROUP = ("test_recipe.py", "test_slurm.py")
+# The Slurm group's first test starts a job array that Slurm's time limit ends a minute or more later: the
+# group's other tests run meanwhile (test_slurm.py: time_limited_array).
+START_OF_SLURM_GROUP = "test_time_limited_array_is_submitted"
 # The groups start in this order (tests/run.sh passes --no-loadscope-reorder): the longest first (the Slurm
 # group takes about half the run), then a short one to pair with it (each worker starts with two groups),
 # then the other long ones, the longest first; the rest in file order. Durations: CI of 2026-11-30.
@@ -57,7 +60,7 @@ def pytest_collection_modifyitems(items) -> None:
         module = item.path.name
         item.add_marker(pytest.mark.xdist_group("slurm" if module in SLURM_GROUP else module))
     rank = {module: i for i, module in enumerate(FIRST)} | {"test_slurm.py": 0}
-    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
+    items.sort(key=lambda item: (rank.get(item.path.name, len(FIRST)), item.name != START_OF_SLURM_GROUP))
 
 
 @pytest.fixture(scope="session")
