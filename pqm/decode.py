@@ -32,7 +32,6 @@ from pqm.nf4 import to_nf4
 from pqm.systems import ADAPTED, DEFAULT_SYSTEMS, SYSTEMS
 
 
-
 def write_hyps(out: Path, hyps: dict[str, str] | None, info: dict) -> None:
     """Write a Kaldi ``text`` file of hypotheses and an ``info.json`` beside it.
 
