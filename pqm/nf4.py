@@ -9,12 +9,14 @@ norms, biases and embeddings stay in full precision: float32, or float16 in the
 file with ``unquantised_dtype="float16"`` (the model then holds the float16
 values as float32, so that what is saved is what was fingerprinted).
 
-An NF4 model is saved (:func:`save_nf4`) as a safetensors file of its own state
-dict (packed 4-bit weights plus bitsandbytes' packed quantisation state, see
-:func:`compact_state_dict`) and ``nf4.json``, and loaded back onto a freshly built
-full-precision model (:func:`to_nf4`) with :func:`load_nf4_state_dict`, which
-rebuilds each ``Params4bit`` with ``Params4bit.from_prequantized``. The same
-code serves every model family.
+An NF4 model is saved (:func:`save_nf4`) as ``nf4.json`` and a safetensors file
+of its state dict: bitsandbytes' packed 4-bit weights and quantisation state
+(see :func:`compact_state_dict`), all tensors of one dtype concatenated into
+one (see :func:`pack_by_dtype`). It is loaded back onto a freshly built
+full-precision model (:func:`to_nf4`), which is quantised first: that model's
+own state dict names the tensors and gives their shapes, and
+:func:`load_nf4_state_dict` rebuilds each ``Params4bit`` with
+``Params4bit.from_prequantized``. The same code serves every model family.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from bitsandbytes.functional import QuantState
 from bitsandbytes.nn import Params4bit
+from bitsandbytes.utils import unpack_tensor_to_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -206,6 +209,8 @@ def disable_cpu_repack(model: nn.Module) -> None:
 
 SHARED_PREFIX = "nf4_shared."
 _SHARED_SUFFIXES = (".weight.quant_map", ".weight.nested_quant_map")
+_QUANT_STATE_JSON = ".quant_state.bitsandbytes__nf4"
+PACKED_PREFIX = "nf4_packed."
 
 
 def compact_state_dict(state_dict: dict[str, torch.Tensor], rebuilt: set[str]) -> dict[str, torch.Tensor]:
@@ -213,12 +218,21 @@ def compact_state_dict(state_dict: dict[str, torch.Tensor], rebuilt: set[str]) -
 
     bitsandbytes stores the same NF4 code table (16 values) and double-quant
     code table (256 values) with every layer; they are kept once under
-    ``nf4_shared.*`` when identical. Buffers in ``rebuilt`` (those the model
+    ``nf4_shared.*`` when identical. Of the JSON it stores with every layer
+    (``quant_state.bitsandbytes__nf4``: type, block sizes, dtypes, shape and the
+    double quantisation's offset) only the offset depends on the weights: it is
+    kept as ``<weight>.nested_offset``; loading takes the rest from the model
+    (:func:`load_nf4_state_dict`). Buffers in ``rebuilt`` (those the model
     constructor recomputes from its config, e.g. the mel filterbank) are left out.
     """
     out, shared = {}, {}
     for key, value in state_dict.items():
         if key in rebuilt or key.rsplit(".weight.", 1)[0] + ".weight" in rebuilt:  # with a tied weight's quant state
+            continue
+        if key.endswith(_QUANT_STATE_JSON):
+            offset = unpack_tensor_to_dict(value).get("nested_offset")
+            if offset is not None:
+                out[key[: -len(_QUANT_STATE_JSON)] + ".nested_offset"] = torch.tensor(offset, dtype=torch.float32)
             continue
         suffix = next((s for s in _SHARED_SUFFIXES if key.endswith(s)), None)
         if suffix is not None:
@@ -230,6 +244,48 @@ def compact_state_dict(state_dict: dict[str, torch.Tensor], rebuilt: set[str]) -
         out[key] = value.detach().contiguous()
     out.update({k: v.detach().contiguous() for k, v in shared.items()})
     return out
+
+
+def pack_by_dtype(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``state``, flattened and concatenated in key order, one tensor per dtype.
+
+    A safetensors header names, types and places every tensor (about 110
+    bytes each: 50 kB for the digit recipe's Conformer, 3% of its NF4 file); a
+    few packed tensors need a few. Their names and shapes are those of the
+    model's own state dict (:func:`unpack_by_dtype`)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for key in sorted(state):
+        groups.setdefault(PACKED_PREFIX + _dtype_name(state[key].dtype), []).append(state[key].reshape(-1))
+    return {name: torch.cat(parts) for name, parts in groups.items()}
+
+
+def unpack_by_dtype(packed: dict[str, torch.Tensor], layout: dict[str, tuple[torch.dtype, torch.Size]],
+                    source: Path) -> dict[str, torch.Tensor]:
+    """Undo :func:`pack_by_dtype` given each tensor's name, dtype and shape; ``source`` names the file in errors."""
+    start = dict.fromkeys(packed, 0)
+    out = {}
+    for key in sorted(layout):
+        dtype, shape = layout[key]
+        name, n = PACKED_PREFIX + _dtype_name(dtype), shape.numel()
+        if name not in packed or start[name] + n > packed[name].numel():
+            raise BadInput(f"{source} holds fewer {_dtype_name(dtype)} values than the model needs: it was written "
+                           f"for another model (or pqm version); rerun stage 5")
+        out[key] = packed[name][start[name]: start[name] + n].view(shape)
+        start[name] += n
+    left = {name: packed[name].numel() - used for name, used in start.items() if used != packed[name].numel()}
+    if left:
+        raise BadInput(f"{source} holds more values than the model needs ({left}): it was written for another "
+                       f"model (or pqm version); rerun stage 5")
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _settings(state: QuantState) -> dict:
+    """What a quantisation state holds beyond its tensors and offset: type, block sizes, dtypes, shape."""
+    return {k: v for k, v in state.as_dict().items() if not isinstance(v, torch.Tensor) and k != "nested_offset"}
 
 
 def _expand_shared(state_dict: dict[str, torch.Tensor], prefix: str, stats: dict[str, torch.Tensor]) -> None:
@@ -246,7 +302,9 @@ def load_nf4_state_dict(
     """Load a state dict saved from an NF4 model into an NF4 model of the same structure.
 
     ``model`` must already have the same quantised layout (see :func:`quantize_model`);
-    keys in ``rebuilt`` may be absent (the model already holds them).
+    keys in ``rebuilt`` may be absent (the model already holds them). Each layer's
+    quantisation state is bitsandbytes' own (with its JSON) or compact (with just
+    ``nested_offset``, see :func:`compact_state_dict`).
     Raises if any other key is missing or left over.
     """
     state_dict = dict(state_dict)
@@ -262,6 +320,8 @@ def load_nf4_state_dict(
             data = state_dict.pop(prefix)
             stats = {k[len(prefix) + 1 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + ".")}
             _expand_shared(state_dict, prefix, stats)
+            if not any(k.startswith("quant_state.") for k in stats):  # saved compact: the rest is the model's
+                stats.update(_settings(module.weight.quant_state))
             owner = module if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Embedding4bit)) else None
             old_id = id(module.weight)
             module.weight = Params4bit.from_prequantized(data, stats, device=device, module=owner)
@@ -338,14 +398,22 @@ def save_nf4(model: nn.Module, cfg: NF4Config, modules: list[str], out_dir: Path
         state = _unquantised_to_float16(model, state, set(modules))
     elif cfg.unquantised_dtype != "float32":
         raise ValueError(f"unquantised_dtype {cfg.unquantised_dtype!r}: use float32 or float16")
+    # the file's layout must not depend on the dtypes a model holds at run time (ESPnet casts float64 buffers to
+    # float32 for decoding): what is not stored as unquantised_dtype says so
+    stored = {key: _dtype_name(value.dtype) for key, value in state.items()
+              if _full_precision_float(key, value, set(modules)) and _dtype_name(value.dtype) != cfg.unquantised_dtype}
     base_fingerprint = fingerprint(model)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        save_file(state, str(tmp / "model.safetensors"))
+        save_file(pack_by_dtype(state), str(tmp / "model.safetensors"))
         write_json(tmp / "nf4.json", {"config": vars(cfg), "modules": modules, "rebuilt_buffers": sorted(omitted),
-                                      "fingerprint": base_fingerprint,
+                                      "stored_dtypes": stored, "fingerprint": base_fingerprint,
                                       "size_breakdown_bytes": size_breakdown(model, state, modules)})
     return base_fingerprint
+
+
+def _full_precision_float(key: str, value: torch.Tensor, quantised: set[str]) -> bool:
+    return value.is_floating_point() and not _nf4_part(key, quantised)
 
 
 def _unquantised_to_float16(model: nn.Module, state: dict[str, torch.Tensor], quantised: set[str]
@@ -355,7 +423,7 @@ def _unquantised_to_float16(model: nn.Module, state: dict[str, torch.Tensor], qu
     tensors = model.state_dict(keep_vars=True)
     out = dict(state)
     for key, value in state.items():
-        if _nf4_part(key, quantised) or value.dtype != torch.float32:
+        if value.dtype != torch.float32 or not _full_precision_float(key, value, quantised):
             continue
         half = value.detach().half()
         if not torch.isfinite(half).all():
@@ -366,12 +434,36 @@ def _unquantised_to_float16(model: nn.Module, state: dict[str, torch.Tensor], qu
     return out
 
 
+def _file_layout(model: nn.Module, meta: dict) -> dict[str, tuple[torch.dtype, torch.Size]]:
+    """Name, dtype and shape of every tensor :func:`save_nf4` wrote for ``model`` (quantised, not yet loaded)."""
+    state = compact_state_dict(model.state_dict(), set(meta["rebuilt_buffers"]))
+    default = getattr(torch, meta["config"]["unquantised_dtype"])
+    quantised, stored = set(meta["modules"]), meta["stored_dtypes"]
+
+    def dtype(key: str, value: torch.Tensor) -> torch.dtype:
+        if key in stored:
+            return getattr(torch, stored[key])
+        return default if _full_precision_float(key, value, quantised) else value.dtype
+
+    return {key: (dtype(key, value), value.shape) for key, value in state.items()}
+
+
+def read_nf4_tensors(model: nn.Module, nf4_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``nf4_dir/model.safetensors`` by name, as :func:`save_nf4` had them before packing;
+    ``model`` is quantised as ``nf4.json`` says and gives the names and shapes."""
+    meta = read_json(nf4_dir / "nf4.json", NF4_MADE_BY)
+    file = require(nf4_dir / "model.safetensors", NF4_MADE_BY)
+    state = load_file(str(file))
+    if not any(key.startswith(PACKED_PREFIX) for key in state):  # a file of one tensor each (before 2026-12)
+        return state
+    return unpack_by_dtype(state, _file_layout(model, meta), file)
+
+
 def to_nf4(model: nn.Module, nf4_dir: Path, device: str = "cpu") -> str:
     """Turn a full-precision model into the saved NF4 model of ``nf4_dir`` in place; return its fingerprint."""
     meta = read_json(nf4_dir / "nf4.json", NF4_MADE_BY)
     quantize_model(model, NF4Config(**meta["config"]), device=device)
-    state = load_file(str(require(nf4_dir / "model.safetensors", NF4_MADE_BY)))
-    load_nf4_state_dict(model, state, device=device, rebuilt=set(meta["rebuilt_buffers"]))
+    load_nf4_state_dict(model, read_nf4_tensors(model, nf4_dir), device=device, rebuilt=set(meta["rebuilt_buffers"]))
     base_fingerprint = fingerprint(model)
     if base_fingerprint != meta["fingerprint"]:
         raise BadInput(f"{nf4_dir}/model.safetensors does not match its nf4.json fingerprint: rerun stage 5")
