@@ -132,7 +132,7 @@ def child_pqm(spec: dict) -> dict:
         batch = cuts[i : i + n]
         hyps.update(model.transcribe(batch, adapter(batch[0])) if n == 1 else
                     model.transcribe_mixed(batch, [adapter(c) for c in batch]))
-    from pqm.decode import adapter_window
+    from pqm.lora import adapter_window
 
     window = ", ".join(sorted({adapter_window(a) for a in adapters.values() if a is not None})) or "padded"
     return {"load_s": load, "adapters_s": load_adapters, "decode_s": time.perf_counter() - start, "hyps": hyps,

@@ -13,7 +13,9 @@ of the epoch with the fewest word errors there is kept, and only if it makes
 no more errors than the adapter it started from (the SAT adapter, or none).
 Otherwise the job writes ``fallback.json`` and decoding uses the starting
 point (``nf4_sat`` for ``pqm``, ``nf4`` for ``nf4_sa``); ``pqm_adapter.json``
-or ``fallback.json`` records the errors of every epoch.
+or ``fallback.json`` records the errors of every epoch. The starting point is
+decoded as stage 8 decodes it (Whisper without an adapter: the 30 s window,
+whatever ``--window`` the new adapter trains in).
 
 Targets (``--target-style``, Whisper): references restyled into the model's
 own writing (``pqm.restyle``), with the full-precision model's hypotheses of
@@ -58,8 +60,8 @@ from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import family, family_of
 from pqm.files import atomic_path, file_digest, ids_digest, read_json, write_json
 from pqm.jobs import add_speaker_options, job_speaker
-from pqm.lora import (INITS, META, LoraSettings, add_lora, init_from_quantisation_error, linear_weights, load_adapter,
-                      save_adapter, trainable_params)
+from pqm.lora import (INITS, META, LoraSettings, adapter_window, add_lora, init_from_quantisation_error, linear_weights,
+                      load_adapter, save_adapter, trainable_params)
 from pqm.nf4 import count_params, to_nf4
 from pqm.recipes import split_digits
 from pqm.pseudo_labels import pseudo_labelled, with_text
@@ -124,6 +126,8 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         **({"targets": "pseudo", "pseudo_keep": a.pseudo_keep} if a.targets == "pseudo" else {}),
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
         **({"max_duration": a.max_duration} if a.max_duration > 0 else {}),
+        # a new LoRA's epoch 0 is the bare model, decoded in its 30 s window (held_out_errors)
+        **({"held_out_epoch0_window": "padded"} if a.holdout and not a.init and a.window != "padded" else {}),
     }
 
 
@@ -136,7 +140,7 @@ class Selection:
     """Do no harm: word errors on held-out utterances after every epoch (epoch 0: the starting point),
     and the weights of the best epoch so far (ties go to the later epoch)."""
 
-    def __init__(self, evaluate: Callable[[], tuple[int, int]] | None = None) -> None:
+    def __init__(self, evaluate: Callable[[int], tuple[int, int]] | None = None) -> None:
         self.evaluate = evaluate
         self.errors: list[int] = []
         self.words = 0
@@ -147,7 +151,7 @@ class Selection:
         if self.evaluate is None:
             return
         start = time.time()
-        errors, self.words = self.evaluate()
+        errors, self.words = self.evaluate(len(self.errors))
         self.seconds += time.time() - start
         if self.errors and errors <= min(self.errors):
             self.best_state = lora_state(model)
@@ -397,14 +401,19 @@ def restyled(cuts: CutSet, style: str, hyps: dict[str, str] | None) -> CutSet:
     return out
 
 
-def held_out_errors(rec, cuts: CutSet, normalise: Callable[[str], str]) -> Callable[[], tuple[int, int]]:
-    """A function that decodes ``cuts`` with ``rec`` and returns (word errors, reference words)."""
+def held_out_errors(rec, cuts: CutSet, normalise: Callable[[str], str], windows: tuple[str, str]
+                    ) -> Callable[[int], tuple[int, int]]:
+    """A function that decodes ``cuts`` with ``rec`` after an epoch and returns (word errors, reference words).
+
+    ``windows``: the Whisper input of epoch 0, the starting point, as stage 8 decodes it when it is the
+    fallback (the bare NF4 model: its 30 s window), and of the later epochs (the adapter's training input)."""
     refs = {c.id: normalise(c.supervisions[0].text or "") for c in cuts}
     # A hypothesis far longer than the reference is wrong whatever its end: stop it early, so that an
     # adapter that loops (Whisper's fallback decodes up to six times) costs seconds, not minutes.
     limit = 4 * max(len(r.split()) for r in refs.values()) + 16
 
-    def evaluate() -> tuple[int, int]:
+    def evaluate(epoch: int) -> tuple[int, int]:
+        rec.set_window(windows[0] if epoch == 0 else windows[1])
         rec.model.eval()  # no dropout; the next epoch sets train mode again
         hyps = rec.transcribe(cuts, desc="held-out", max_new_tokens=limit)
         counts = count_errors([refs[u] for u in sorted(refs)], [normalise(hyps[u]) for u in sorted(refs)])
@@ -487,7 +496,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     selection = Selection(None)
     if held_out:
         normaliser = models.text_normaliser(a.fp_dir, split_digits(a.cuts.parent))
-        selection = Selection(held_out_errors(rec, held_out, normaliser))
+        start_window = adapter_window(a.init) if a.init else "padded"
+        selection = Selection(held_out_errors(rec, held_out, normaliser, (start_window, a.window)))
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
     losses = train_adapter(model, train_cuts, batches_of, a.epochs, a.lr, a.batch_size,
                            a.seed, a.device, checkpoint, ranks, selection, a.lr_schedule, a.warmup_ratio,

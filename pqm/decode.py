@@ -27,7 +27,7 @@ from pqm.errors import BadInput, MissingInput, cli, require, setup_logging
 from pqm.families import family
 from pqm.files import file_digest, ids_digest, read_json, write_json, write_text
 from pqm.jobs import add_speaker_options, job_speaker
-from pqm.lora import META, load_adapter
+from pqm.lora import adapter_window, load_adapter
 from pqm.nf4 import to_nf4
 from pqm.systems import ADAPTED, DEFAULT_SYSTEMS, SYSTEMS
 
@@ -69,11 +69,6 @@ def run_keys(a: argparse.Namespace, tag: str, cuts: CutSet, systems: list[str]) 
     for system in ADAPTED:
         keys[system] = {**common, **sat, system: _adapter_digest(a.adapter_dir / system / tag)}
     return {system: keys[system] for system in systems}
-
-
-def adapter_window(adapter: Path) -> str:
-    """The Whisper input window an adapter was trained in (the base model's 30 s window before it was recorded)."""
-    return read_json(adapter / META).get("window", "padded")
 
 
 def already_decoded(out: Path, key: dict) -> bool:

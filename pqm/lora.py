@@ -105,6 +105,11 @@ def check_adapter(adapter_dir: Path, base_fingerprint: str) -> dict:
     return meta
 
 
+def adapter_window(adapter: Path) -> str:
+    """The Whisper input window an adapter was trained in (the base model's 30 s window before it was recorded)."""
+    return read_json(Path(adapter) / META).get("window", "padded")
+
+
 def load_adapter(
     model: nn.Module | PeftModel, adapter_dir: Path, base_fingerprint: str, name: str = "default", trainable: bool = False
 ) -> PeftModel:

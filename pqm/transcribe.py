@@ -36,12 +36,11 @@ from pathlib import Path
 from lhotse import CutSet, Recording
 from lhotse.audio.utils import AudioLoadingError
 
-from pqm.decode import adapter_window
 from pqm.errors import BadInput, check_safe_id, cli, require, setup_logging
 from pqm.families import family
 from pqm.files import ids_digest, read_json
 from pqm.kaldi_table import read_table
-from pqm.lora import BASE, check_adapter, load_adapter
+from pqm.lora import BASE, adapter_window, check_adapter, load_adapter
 from pqm.nf4 import to_nf4
 
 SYSTEMS = ("fp", "nf4", "nf4_sat")

@@ -211,16 +211,42 @@ def test_selection_keeps_the_best_epoch_and_ties_go_later():
 
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig(r=1, target_modules=["0"]))
     errors = iter([(5, 20), (7, 20), (5, 20), (6, 20)])
-    selection = Selection(lambda: next(errors))
+    selection = Selection(lambda epoch: next(errors))
     for _ in range(4):
         selection.after_epoch(model)
     assert selection.errors == [5, 7, 5, 6] and selection.best_epoch == 2
     assert selection.best_state is not None and any("lora_A" in k for k in selection.best_state)
     worse = iter([(5, 20), (7, 20), (9, 20)])
-    selection = Selection(lambda: next(worse))
+    selection = Selection(lambda epoch: next(worse))
     for _ in range(3):
         selection.after_epoch(model)
     assert selection.best_epoch == 0
+
+
+def test_held_out_epoch_0_is_decoded_as_its_fallback():
+    """A new LoRA's epoch 0 is the bare model: its held-out errors are those of Whisper's 30 s window, as stage 8
+    decodes the fallback ``nf4``, not of the trimmed input the adapter trains on (where the bare model loops)."""
+    from lhotse import CutSet
+    from lhotse.testing.dummies import dummy_cut, dummy_supervision
+
+    from pqm.adapt import held_out_errors
+
+    class Recogniser:
+        window, seen = "trimmed", []
+        model = torch.nn.Linear(1, 1)
+
+        def set_window(self, window):
+            self.window = window
+
+        def transcribe(self, cuts, desc, max_new_tokens=None):
+            self.seen.append(self.window)
+            return {c.id: "one two" if self.window == "padded" else "one one one one" for c in cuts}
+
+    cuts = CutSet.from_cuts([dummy_cut(i, supervisions=[dummy_supervision(i, text="one two")]) for i in range(2)])
+    rec = Recogniser()
+    evaluate = held_out_errors(rec, cuts, str.lower, ("padded", "trimmed"))
+    assert [evaluate(epoch) for epoch in range(3)] == [(0, 4), (6, 4), (6, 4)]
+    assert rec.seen == ["padded", "trimmed", "trimmed"]
 
 
 @pytest.mark.e2e
