@@ -196,3 +196,21 @@ def test_whisper_needs_a_pretrained_model(tmp_path):
     proc = run_sh("--model", "whisper", "--pretrained", "/nonexistent", "--expdir", str(tmp_path / "e"), check=False)
     assert proc.returncode != 0 and "--pretrained /nonexistent: no such folder" in proc.stderr
     assert not (tmp_path / "e").exists()  # refused before any stage ran
+
+
+def test_decoding_leaves_the_callers_random_state(whisper_dir):
+    """Held-out decoding between epochs must not reset training's dropout: the fallback's sampling is seeded in
+    a fork of the random state, and a clip's hypothesis does not depend on the state before."""
+    import torch
+
+    from pqm.families.whisper import WhisperRecognizer
+    from pqm.transcribe import read_inputs
+
+    rec = WhisperRecognizer(whisper_dir, beam_size=1)
+    cuts = read_inputs([FSDD / "recordings" / "3_george_7.wav"])
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = rec.transcribe(cuts, desc="x")
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(7)
+    assert rec.transcribe(cuts, desc="x") == first

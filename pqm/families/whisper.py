@@ -245,10 +245,13 @@ class WhisperRecognizer:
         opts = {k: v for k, v in DECODING.items() if k != "seed"}
         if max_new_tokens is not None:
             opts["max_new_tokens"] = min(max_new_tokens, opts["max_new_tokens"])
-        torch.manual_seed(DECODING["seed"])  # the fallback samples: the same hypotheses on every run
         from pqm.lora import per_row  # peft and bitsandbytes: loaded to decode, not to look a family up
 
-        with torch.no_grad(), per_row(self.model, adapters) as rows:
+        # The fallback samples from its own seed, so the same hypotheses on every run; the caller's random
+        # state is left as it was (held-out decoding between epochs must not reset training's dropout).
+        cuda = [torch.device(self.device)] if torch.device(self.device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), per_row(self.model, adapters) as rows:
+            torch.manual_seed(DECODING["seed"])
             for i in tqdm(range(0, len(cuts), self.batch_size), desc=desc, unit="batch", mininterval=5):
                 batch = cuts[i : i + self.batch_size]
                 limit = dict(opts)
