@@ -153,5 +153,5 @@ run_stage 6 "speaker adaptive training (SAT LoRA)" "${sat_launcher[@]}" -m pqm.a
 run_stage 7 "per-speaker LoRA adaptation" stage7
 run_stage 8 "decoding" stage8
 run_stage 9 "scoring" python -m pqm.score --expdir "${expdir}" --cuts "$(cuts eval)" --model "${model}" --corpus "${corpus}" \
-    --adapt-cuts "$(cuts adapt)" --adapt-utts "${sa_utts}"
+    --adapt-cuts "$(cuts adapt)" --adapt-utts "${sa_utts}" --adapt-holdout "${sa_holdout}"
 log "finished stages ${stage}..${stop_stage}; results: ${expdir}/results.json, ${expdir}/RESULTS.md"

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # How much speech a speaker needs: stages 7-9 again for each amount of adaptation speech per test speaker.
-# Usage: local/data_amounts.sh EXPDIR [N ...]    (default amounts: 1 2 5 10)
+# Usage: local/data_amounts.sh EXPDIR [N ...] [-- OPTION ...]    (default amounts: 1 2 5 10)
 # After ./run.sh (or egs/<corpus>/run.sh) made EXPDIR: each amount N reruns that command (the last line of
 # EXPDIR/run.cmd) from stage 7 with --sa-utts N (each test speaker's first N adaptation utterances) in
 # EXPDIR/amounts/sa_utts<N>, on EXPDIR's NF4 model and SAT adapter; the systems that use no adaptation
 # speech (fp, nf4, nf4_sat) are taken from EXPDIR, not decoded again. Then pqm.data_amounts writes
 # EXPDIR/RESULTS_data_amounts.md and EXPDIR/wer_vs_data.png. Turn pqm_unsup on in the original run
-# (--unsup true) to have it among the lines.
+# (--unsup true) to have it among the lines. Options after -- are added to every amount's command, e.g.
+# "-- --sa-holdout 0" where the recipe holds out more utterances than the smallest amounts have.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { echo "usage: $0 EXPDIR [N ...]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 EXPDIR [N ...] [-- OPTION ...]" >&2; exit 2; }
 expdir=$1; shift
-amounts=("$@"); [ $# -gt 0 ] || amounts=(1 2 5 10)
+amounts=(); extra=()
+while [ $# -gt 0 ] && [ "$1" != -- ]; do amounts+=("$1"); shift; done
+[ $# -eq 0 ] || { shift; extra=("$@"); }
+[ ${#amounts[@]} -gt 0 ] || amounts=(1 2 5 10)
 for f in run.cmd .done/stage9 results.json; do
     [ -e "${expdir}/${f}" ] || { echo "$0: ${expdir}/${f} is missing: run the recipe to the end first" >&2; exit 1; }
 done
@@ -26,7 +30,7 @@ for n in "${amounts[@]}"; do
         [ -e "${run}/decode/${system}" ] || cp -r "${expdir}/decode/${system}" "${run}/decode/${system}"
     done
     echo "$(date '+%Y-%m-%dT%H:%M:%S') (data_amounts.sh) ${n} adaptation utterances per speaker: ${run}"
-    eval "${command} --expdir ${run@Q} --stage 7 --stop-stage 9 --sa-utts ${n}"
+    eval "${command} --expdir ${run@Q} --stage 7 --stop-stage 9 --sa-utts ${n} ${extra[*]@Q}"
 done
 . ./path.sh
 python -m pqm.data_amounts --expdir "${expdir}"

@@ -60,7 +60,7 @@ from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import family, family_of
 from pqm.files import atomic_path, file_digest, ids_digest, read_json, write_json
 from pqm.jobs import add_speaker_options, job_speaker
-from pqm.lora import (INITS, META, LoraSettings, adapter_window, add_lora, init_from_quantisation_error, linear_weights,
+from pqm.lora import (BASE_WINDOW, INITS, META, LoraSettings, adapter_window, add_lora, init_from_quantisation_error, linear_weights,
                       load_adapter, save_adapter, trainable_params)
 from pqm.nf4 import count_params, to_nf4
 from pqm.recipes import split_digits
@@ -127,7 +127,7 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
         **({"max_duration": a.max_duration} if a.max_duration > 0 else {}),
         # a new LoRA's epoch 0 is the bare model, decoded in its 30 s window (held_out_errors)
-        **({"held_out_epoch0_window": "padded"} if a.holdout and not a.init and a.window != "padded" else {}),
+        **({"held_out_epoch0_window": BASE_WINDOW} if a.holdout and not a.init and a.window != BASE_WINDOW else {}),
     }
 
 
@@ -459,7 +459,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     if a.target_style != "corpus" and a.targets == "transcripts":
         hyps = None
         if a.target_style == "model":
-            rec.set_window("padded")  # the full-precision model reads its 30 s window
+            rec.set_window(BASE_WINDOW)  # the full-precision model reads its 30 s window
             hyps = fp_hypotheses(rec, cuts, fp_hypotheses_cache(a.out, speaker),
                                  {"fp": file_digest(a.fp_dir / "model.safetensors"), "utterances": key["utterances"]})
         cuts = restyled(cuts, a.target_style, hyps)
@@ -496,8 +496,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
     selection = Selection(None)
     if held_out:
         normaliser = models.text_normaliser(a.fp_dir, split_digits(a.cuts.parent))
-        start_window = adapter_window(a.init) if a.init else "padded"
-        selection = Selection(held_out_errors(rec, held_out, normaliser, (start_window, a.window)))
+        selection = Selection(held_out_errors(rec, held_out, normaliser, (adapter_window(a.init), a.window)))
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
     losses = train_adapter(model, train_cuts, batches_of, a.epochs, a.lr, a.batch_size,
                            a.seed, a.device, checkpoint, ranks, selection, a.lr_schedule, a.warmup_ratio,

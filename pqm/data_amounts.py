@@ -45,13 +45,15 @@ def gather(expdir: Path) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     systems = [s for s in (*ADAPTED, *NO_ADAPTATION) if any(s in r["wer"] for r in rows)]
-    lines = ["| utterances per speaker | minutes per speaker | " + " | ".join(systems) + " |",
-             "|---:|---:|" + "---:|" * len(systems)]
+    lines = ["| utterances per speaker | held out | minutes per speaker | " + " | ".join(systems) + " |",
+             "|---:|---:|---:|" + "---:|" * len(systems)]
     for r in rows:
         wers = [f"{r['wer'][s]:.2f}" if r["wer"].get(s) is not None else "-" for s in systems]
-        lines.append(f"| {r['utterances_per_speaker'] or 'all'} | {r['minutes_per_speaker']:.2f} | "
+        lines.append(f"| {r['utterances_per_speaker'] or 'all'} | {r.get('held_out_per_speaker', 0)} | "
+                     f"{r['minutes_per_speaker']:.2f} | "
                      + " | ".join(wers) + " |")
-    return "WER (%) by the amount of adaptation speech per test speaker\n\n" + "\n".join(lines) + "\n"
+    return ("WER (%) by the amount of adaptation speech per test speaker (held out: the last of them, kept to "
+            "judge `pqm` and `nf4_sa`, not trained on)\n\n" + "\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

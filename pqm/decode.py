@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     for system in SYSTEMS[: SYSTEMS.index(todo[-1]) + 1]:
         info: dict = {"system": system, "speaker": speaker, "run_key": keys.get(system)}
         use = contextlib.nullcontext()
-        window = "padded"  # the base model decodes as it was trained; an adapter, as it was trained
+        window = adapter_window(None)  # the base model decodes as it was trained; an adapter, as it was trained
         if system == "nf4":
             base_fingerprint = to_nf4(rec.model, a.nf4_dir, device=a.device)
         elif system == "nf4_sat":

@@ -105,9 +105,13 @@ def check_adapter(adapter_dir: Path, base_fingerprint: str) -> dict:
     return meta
 
 
-def adapter_window(adapter: Path) -> str:
-    """The Whisper input window an adapter was trained in (the base model's 30 s window before it was recorded)."""
-    return read_json(Path(adapter) / META).get("window", "padded")
+BASE_WINDOW = "padded"  # the base model reads Whisper's 30 s window, as it was trained
+
+
+def adapter_window(adapter: Path | None) -> str:
+    """The Whisper input window a starting point decodes in: an adapter's, as it was trained (the 30 s window
+    before that was recorded); the bare base model (``None``), its 30 s window."""
+    return read_json(Path(adapter) / META).get("window", BASE_WINDOW) if adapter else BASE_WINDOW
 
 
 def load_adapter(

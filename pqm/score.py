@@ -134,7 +134,9 @@ def markdown(results: dict) -> str:
         *([f"- one speaker's adapter file: {size['adapter']:,} bytes ({100 * size['adapter'] / size['nf4']:.2f}% of the "
            "NF4 file)"] if "adapter" in size else []),
         *([f"- adaptation speech per test speaker: {adaptation['utterances_per_speaker'] or 'all'} utterances, "
-           f"{adaptation['minutes_per_speaker']:.2f} minutes on average"] if (adaptation := results.get("adaptation")) else []),
+           f"{adaptation['minutes_per_speaker']:.2f} minutes on average"
+           + (f", the last {held} of them held out to judge `pqm` and `nf4_sa`"
+              if (held := adaptation.get("held_out_per_speaker")) else "")] if (adaptation := results.get("adaptation")) else []),
         "",
         "| system | WER (%) | errors | words | rel. vs fp (%) | rel. vs nf4 (%) | speakers no worse than fp |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -206,14 +208,15 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def adaptation_speech(cuts: CutSet, utts: int) -> dict:
+def adaptation_speech(cuts: CutSet, utts: int, holdout: int = 0) -> dict:
     """How much adaptation speech each test speaker had: the first ``utts`` (0: all) of the speaker's
-    adaptation cuts, in manifest order, as stage 7 takes them (``--sa-utts``)."""
+    adaptation cuts, in manifest order, as stage 7 takes them (``--sa-utts``), ``holdout`` of them held out
+    to judge the transcribed adapters (``--sa-holdout``)."""
     durations: dict[str, list[float]] = {}
     for cut in cuts:
         durations.setdefault(cut.supervisions[0].speaker, []).append(cut.duration)
     used = [sum(d[:utts] if utts else d) for d in durations.values()]
-    return {"utterances_per_speaker": utts or None,
+    return {"utterances_per_speaker": utts or None, "held_out_per_speaker": holdout,
             "minutes_per_speaker": round(sum(used) / max(len(used), 1) / 60, 3)}
 
 
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="conformer", choices=FAMILIES)
     p.add_argument("--adapt-cuts", type=Path, default=None, help="adaptation cuts (the speech each speaker had)")
     p.add_argument("--adapt-utts", type=int, default=0, help="stage 7's --sa-utts: the first N of each speaker's")
+    p.add_argument("--adapt-holdout", type=int, default=0, help="stage 7's --sa-holdout: of those, held out")
     a = p.parse_args(argv)
     setup_logging()
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         "size_bytes": {**size["size_bytes"], **nf4_by_kind(size.get("breakdown_bytes")),
                        **({"adapter": max(f.stat().st_size for f in adapters)} if adapters else {})},
         "params": {"base": size["params"], "lora_per_speaker": max(lora)},
-        **({"adaptation": adaptation_speech(CutSet.from_file(a.adapt_cuts), a.adapt_utts)}
+        **({"adaptation": adaptation_speech(CutSet.from_file(a.adapt_cuts), a.adapt_utts, a.adapt_holdout)}
            if a.adapt_cuts and a.adapt_cuts.exists() else {}),
         "stage_seconds": stage_seconds(a.expdir, started),
     }

@@ -145,7 +145,7 @@ class Transcriber:
             self.peft.set_adapter(name)
             use = contextlib.nullcontext()
         with use:
-            self.rec.set_window(adapter_window(adapter) if adapter is not None else "padded")
+            self.rec.set_window(adapter_window(adapter))
             return self.rec.transcribe(list(cuts), desc="transcribe")
 
     def transcribe_mixed(self, cuts, adapters: list[Path | None]) -> dict[str, str]:
@@ -157,10 +157,10 @@ class Transcriber:
             return self.transcribe(cuts, None)
         if len(distinct) > self.cache:
             raise BadInput(f"{len(distinct)} adapters in one batch, more than the cache holds ({self.cache})")
-        window_of = {adapter: adapter_window(adapter) for adapter in distinct}  # read once per adapter, not per cut
+        window_of = {adapter: adapter_window(adapter) for adapter in (*distinct, None)}  # read once, not per cut
         groups: dict[str, list[int]] = {}
         for k, adapter in enumerate(adapters):
-            groups.setdefault(window_of[adapter] if adapter is not None else "padded", []).append(k)
+            groups.setdefault(window_of[adapter], []).append(k)
         hyps = {}
         for window, members in groups.items():
             names = [self._load(adapters[k]) if adapters[k] is not None else BASE for k in members]

@@ -232,22 +232,27 @@ def test_transcribe_gives_stage_8s_hypotheses(recipe, tmp_path):
 
 
 def test_data_amounts_rerun_stages_7_to_9_with_fewer_utterances(recipe):
-    """local/data_amounts.sh: stages 7-9 again with each speaker's first 2 adaptation utterances, on the same
-    NF4 model and SAT adapter; fp, nf4 and nf4_sat are not decoded again; the table and plot cover both runs."""
+    """local/data_amounts.sh: stages 7-9 again with each speaker's first 2 adaptation utterances (one held out,
+    an option passed through to run.sh), on the same NF4 model and SAT adapter; fp, nf4 and nf4_sat are not
+    decoded again; the table and plot cover both runs."""
     exp = recipe["exp"]
-    proc = subprocess.run(["local/data_amounts.sh", str(exp), "2"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["local/data_amounts.sh", str(exp), "2", "--", "--sa-holdout", "1"], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = exp / "amounts" / "sa_utts2"
     few, full = (json.loads((e / "results.json").read_text()) for e in (run, exp))
     assert few["adaptation"]["utterances_per_speaker"] == 2 and full["adaptation"]["utterances_per_speaker"] is None
+    assert few["adaptation"]["held_out_per_speaker"] == 1 and full["adaptation"]["held_out_per_speaker"] == 0
     assert 0 < few["adaptation"]["minutes_per_speaker"] < full["adaptation"]["minutes_per_speaker"]
-    assert json.loads((run / "adapters" / "pqm" / "nicolas" / "pqm_adapter.json").read_text())["utterances"] == 2
+    adapter = run / "adapters" / "pqm" / "nicolas"  # kept, or dropped for doing harm on the held-out utterance
+    meta = json.loads(next(f for f in (adapter / "pqm_adapter.json", adapter / "fallback.json") if f.exists()).read_text())
+    assert meta["utterances"] == 1 and meta["held_out"]["utterances"] == 1
     log = (run / "log" / "decode.2.log").read_text()
     assert "pqm/nicolas: decoded" in log and not any(f"{s}/nicolas: decoded" in log for s in ("fp", "nf4", "nf4_sat"))
     for system in ("fp", "nf4", "nf4_sat"):
         assert few["systems"][system]["errors"] == full["systems"][system]["errors"]
     table = (exp / "RESULTS_data_amounts.md").read_text()
-    assert "| 2 | " in table and "| all | " in table and "pqm" in table.splitlines()[2]
+    assert "| 2 | 1 | " in table and "| all | 0 | " in table and "pqm" in table.splitlines()[2]
     assert (exp / "wer_vs_data.png").read_bytes()[:4] == b"\x89PNG"
     assert [r["utterances_per_speaker"] for r in json.loads((exp / "data_amounts.json").read_text())] == [2, None]
 
