@@ -43,6 +43,12 @@ def gather(expdir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["utterances_per_speaker"] or math.inf)
 
 
+def held_out(row: dict, system: str) -> int:
+    """The adaptation utterances per speaker that ``system`` did not train on in ``row``'s run: the held-out
+    rule needs transcripts, so ``pqm_unsup`` trains on all of them."""
+    return row.get("held_out_per_speaker", 0) if ADAPTED[system].targets == "transcripts" else 0
+
+
 def markdown(rows: list[dict]) -> str:
     systems = [s for s in (*ADAPTED, *NO_ADAPTATION) if any(s in r["wer"] for r in rows)]
     lines = ["| utterances per speaker | held out | minutes per speaker | " + " | ".join(systems) + " |",
@@ -53,7 +59,7 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['minutes_per_speaker']:.2f} | "
                      + " | ".join(wers) + " |")
     return ("WER (%) by the amount of adaptation speech per test speaker (held out: the last of them, kept to "
-            "judge `pqm` and `nf4_sa`, not trained on)\n\n" + "\n".join(lines) + "\n")
+            "judge `pqm` and `nf4_sa`, not trained on; `pqm_unsup` trains on all)\n\n" + "\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -63,11 +69,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    minutes = [r["minutes_per_speaker"] for r in rows]
     for name in ADAPTED:
-        points = [(m, r["wer"][name]) for m, r in zip(minutes, rows) if r["wer"].get(name) is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=name)
+        colour = None
+        held = sorted({held_out(r, name) for r in rows})
+        for h in held:  # a line per held-out setting: holding out changes what is trained on, and what is kept
+            points = [(r["minutes_per_speaker"], r["wer"][name]) for r in rows
+                      if r["wer"].get(name) is not None and held_out(r, name) == h]
+            if points:
+                label = name + (f" ({h} held out)" if h else "") if len(held) > 1 else name
+                line, = ax.plot(*zip(*points), marker="o" if h == held[0] else "s", color=colour,
+                                linestyle="-" if h == held[0] else "none", label=label)
+                colour = line.get_color()
     for name, style in zip(NO_ADAPTATION, (":", "--", "-.")):
         if rows[-1]["wer"].get(name) is not None:
             ax.axhline(rows[-1]["wer"][name], linestyle=style, color="grey", label=name)
