@@ -133,7 +133,8 @@ def markdown(results: dict) -> str:
                                                   for what, n in size["nf4_by_kind"].items())] if "nf4_by_kind" in size else []),
         *([f"- one speaker's adapter file: {size['adapter']:,} bytes ({100 * size['adapter'] / size['nf4']:.2f}% of the "
            "NF4 file)"] if "adapter" in size else []),
-        *([f"- adaptation speech per test speaker: {adaptation['utterances_per_speaker'] or 'all'} utterances, "
+        *([f"- adaptation speech per test speaker: {adaptation['utterances_per_speaker'] or 'all'} utterance"
+           f"{'' if adaptation['utterances_per_speaker'] == 1 else 's'}, "
            f"{adaptation['minutes_per_speaker']:.2f} minutes on average"
            + (f", the last {held} of them held out to judge `pqm` and `nf4_sa`"
               if (held := adaptation.get("held_out_per_speaker")) else "")] if (adaptation := results.get("adaptation")) else []),
