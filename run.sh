@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 # Options (each can be given as --name-with-dashes value)
 stage=1                 # first stage to run
 stop_stage=9            # last stage to run
-nj=2                    # parallel jobs for per-speaker work (stages 7, 8)
+nj=2                    # jobs for per-speaker work (stages 7, 8): the test speakers split into at most nj
 threads=0               # threads per job (0: cores / jobs); passed to ${cmd} as Kaldi's --num-threads
 expdir=""               # experiment folder (default: exp/<corpus>_<model>)
 datadir=data            # data folder (manifests, audio, Kaldi dirs)
@@ -107,7 +107,7 @@ run_stage() {
 
 manifests=${datadir}/manifests
 cuts() { echo "${manifests}/${corpus}_cuts_$1.jsonl.gz"; }  # stage 2's lhotse cuts of set $1
-speakers=${expdir}/test_speakers.txt  # task N of a per-speaker job array is line N
+speakers=${expdir}/test_speakers.txt  # task N of a per-speaker job array takes the speakers on line N
 thread_opts=()  # Kaldi's --num-threads; without it pqm.launch gives each job cores / jobs
 [ "${threads}" -eq 0 ] || thread_opts=(--num-threads "${threads}")
 sat_launcher=(python)
@@ -117,10 +117,10 @@ opts_nf4=(--fp-dir "${expdir}/fp" --nf4-dir "${expdir}/nf4" --device "${device}"
 opts_lora=("${opts_nf4[@]}" --lora-r "${lora_r}" --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}"
     --seed "${seed}" --window "${whisper_window}" --target-style "${target_style}")
 
-speaker_jobs() {  # speaker_jobs NAME command...: one job per test speaker, task N for line N of ${speakers}
+speaker_jobs() {  # speaker_jobs NAME command...: the test speakers split into at most ${nj} jobs, task N for line N of ${speakers}
     local n
-    n=$(python -m pqm.jobs --manifests "${manifests}" --out "${speakers}")
-    log "${1}: ${n} speakers, ${nj} jobs at a time (logs: ${expdir}/log/${1}.*.log)"
+    n=$(python -m pqm.jobs --manifests "${manifests}" --out "${speakers}" --num-jobs "${nj}")
+    log "${1}: $(wc -w < "${speakers}") speakers in ${n} jobs (logs: ${expdir}/log/${1}.*.log)"
     PQM_TASK_NAMES=${speakers} ${cmd} --max-jobs-run "${nj}" "${thread_opts[@]}" "JOB=1:${n}" "${expdir}/log/${1}.JOB.log" \
         "${@:2}" --speaker-list "${speakers}" --job JOB
 }

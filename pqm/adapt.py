@@ -59,7 +59,7 @@ from pqm.batches import cut_batches
 from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import family, family_of
 from pqm.files import atomic_path, file_digest, ids_digest, read_json, write_json
-from pqm.jobs import add_speaker_options, job_speaker
+from pqm.jobs import add_speaker_options, job_speakers
 from pqm.lora import (BASE_WINDOW, INITS, META, LoraSettings, adapter_window, add_lora, init_from_quantisation_error, linear_weights,
                       load_adapter, save_adapter, trainable_params)
 from pqm.nf4 import count_params, to_nf4
@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     a.lora_targets = a.lora_targets or family(a.fp_dir).DEFAULT_TARGETS
     ranks, a.device = init_distributed(a.device)
     try:
-        train_job(a, ranks)
+        for speaker in job_speakers(a):
+            train_job(a, ranks, speaker)
     finally:
         if ranks.world_size > 1:
             dist.destroy_process_group()
@@ -422,10 +423,9 @@ def held_out_errors(rec, cuts: CutSet, normalise: Callable[[str], str], windows:
     return evaluate
 
 
-def train_job(a: argparse.Namespace, ranks: Ranks) -> None:
-    """Train (or skip, or mark as fallback) the adapter that ``a`` describes."""
+def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
+    """Train (or skip, or mark as fallback) the adapter that ``a`` describes, on ``speaker``'s cuts (None: all)."""
     torch.manual_seed(a.seed)
-    speaker = job_speaker(a)
     out = a.out / speaker if a.speaker_list is not None else a.out
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
     if speaker is not None:

@@ -1,17 +1,18 @@
-"""Stage 7: the adapters of every per-speaker system for one test speaker, in one job.
+"""Stage 7: the adapters of every per-speaker system for a job's test speakers, one speaker after another.
 
 For each system of ``--systems`` (``pqm.systems.ADAPTED``: ``pqm`` from the
 SAT adapter, ``nf4_sa`` as a new LoRA on the bare NF4 model, ``pqm_unsup``
 from SAT on ``nf4_sat``'s own hypotheses) this trains the adapter
 ``<adapters>/<system>/<speaker>`` with :func:`pqm.adapt.train_job`, exactly as
 a job of its own would (the model is read again and the seed reset for each
-system), so the job pays Python's start-up and imports once per speaker, not
-once per system. ``pqm_unsup`` never holds utterances out: the held-out rule
+system), so the job pays Python's start-up and imports once, not once per
+speaker and system. ``pqm_unsup`` never holds utterances out: the held-out rule
 counts errors against transcripts.
 
-A system that fails does not stop the others: the job logs its error, trains
-the rest, then exits with code 1 naming it. Finished adapters are skipped by
-their run key, so a rerun of the stage trains only what is missing.
+A system that fails stops neither the others nor the job's other speakers: the
+job logs its error, trains the rest, then exits with code 1 naming them.
+Finished adapters are skipped by their run key, so a rerun of the stage trains
+only what is missing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from pqm.adapt import add_training_options, check_training_options, init_distributed, train_job
 from pqm.errors import UserError, cli, setup_logging
 from pqm.families import family
-from pqm.jobs import job_speaker
+from pqm.jobs import job_speakers
 from pqm.systems import ADAPTED
 
 
@@ -46,24 +47,24 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     check_training_options(p, a)
     if a.speaker_list is None or a.job is None:
-        p.error("--speaker-list FILE --job N is needed: the speaker on line N (stage 7's job array)")
+        p.error("--speaker-list FILE --job N is needed: the speakers on line N (stage 7's job array)")
     setup_logging()
     a.lora_targets = a.lora_targets or family(a.fp_dir).DEFAULT_TARGETS
     ranks, a.device = init_distributed(a.device)
-    speaker = job_speaker(a)
     failed = []
-    for system in [s for s in ADAPTED if s in a.systems]:
-        logging.info(f"{system}/{speaker}: adapting")
-        try:
-            train_job(system_options(a, system), ranks)
-        except UserError as exc:
-            logging.error(f"{system}/{speaker}: {exc}")
-            failed.append(system)
-        except Exception:  # noqa: BLE001 -- any failure of one system: the others still run
-            logging.exception(f"{system}/{speaker}: failed")
-            failed.append(system)
+    for speaker in job_speakers(a):
+        for system in [s for s in ADAPTED if s in a.systems]:
+            logging.info(f"{system}/{speaker}: adapting")
+            try:
+                train_job(system_options(a, system), ranks, speaker)
+            except UserError as exc:
+                logging.error(f"{system}/{speaker}: {exc}")
+                failed.append(f"{system}/{speaker}")
+            except Exception:  # noqa: BLE001 -- any failure of one system: the others still run
+                logging.exception(f"{system}/{speaker}: failed")
+                failed.append(f"{system}/{speaker}")
     if failed:
-        logging.error(f"speaker {speaker}: no adapter for {', '.join(failed)} (see above); the other systems are done")
+        logging.error(f"no adapter for {', '.join(failed)} (see above); the others are done")
         sys.exit(1)
 
 

@@ -1,6 +1,8 @@
-"""Stage 8: decode one speaker's evaluation utterances with every system.
+"""Stage 8: decode the evaluation utterances of a job's speakers with every system.
 
-Systems, in the order they are built on one model object:
+Systems, in the order they are built on one model object (each system decodes
+every speaker of the job before the next is built, so a job loads the model
+once; a per-speaker adapter is loaded for its speaker and unloaded after):
 ``fp`` (full precision), ``nf4`` (quantised), ``nf4_sat`` (+ SAT LoRA),
 ``nf4_sa`` (+ per-speaker LoRA trained from scratch), ``pqm`` (+ per-speaker
 LoRA started from SAT) and, when asked for, ``pqm_unsup`` (the same, trained on
@@ -19,14 +21,16 @@ import argparse
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from lhotse import CutSet
 
 from pqm.errors import BadInput, MissingInput, cli, require, setup_logging
 from pqm.families import family
 from pqm.files import file_digest, ids_digest, read_json, write_json, write_text
-from pqm.jobs import add_speaker_options, job_speaker
+from pqm.jobs import add_speaker_options, job_speakers
 from pqm.lora import adapter_window, load_adapter
 from pqm.nf4 import to_nf4
 from pqm.systems import ADAPTED, DEFAULT_SYSTEMS, SYSTEMS
@@ -76,6 +80,33 @@ def already_decoded(out: Path, key: dict) -> bool:
     return (out / "text").exists() and info.exists() and read_json(info).get("run_key") == key
 
 
+@dataclass
+class Part:
+    """One speaker's evaluation utterances in a decoding job (``tag`` "all": every utterance), with each
+    system's run key and the systems still to decode."""
+
+    tag: str
+    cuts: CutSet
+    keys: dict[str, dict]
+    todo: list[str]
+
+
+def job_parts(a: argparse.Namespace, cuts: CutSet, speakers: list[str | None], wanted: list[str]) -> list[Part]:
+    """The job's speakers (None: every utterance at once) as parts to decode."""
+    parts = []
+    for speaker in speakers:
+        mine = cuts if speaker is None else cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_eager()
+        if len(mine) == 0:
+            raise BadInput(f"no utterances of speaker {speaker!r} in {a.cuts}")
+        tag = speaker or "all"
+        keys = run_keys(a, tag, mine, wanted)
+        todo = [s for s in wanted if not already_decoded(a.out / s / tag, keys[s])]
+        if not todo:
+            logging.info(f"{tag}: {', '.join(wanted)} already decoded from these models and settings: nothing to do")
+        parts.append(Part(tag, mine, keys, todo))
+    return parts
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--fp-dir", type=Path, required=True)
@@ -94,73 +125,88 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     setup_logging()
-    speaker = job_speaker(a)
+    speakers = job_speakers(a)
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
     models = family(a.fp_dir)
     quiet = models.log_filter()
     for handler in logging.getLogger().handlers if quiet else ():
         handler.addFilter(quiet)
-    tag = "all"
-    if speaker is not None:
-        tag = speaker
-        cuts = cuts.filter(lambda c: c.supervisions[0].speaker == speaker).to_eager()
-    if len(cuts) == 0:
-        raise BadInput(f"no utterances of speaker {speaker!r} in {a.cuts}")
-    wanted = [s for s in SYSTEMS if s in a.systems]
-    keys = run_keys(a, tag, cuts, wanted)
-    todo = [s for s in wanted if not already_decoded(a.out / s / tag, keys[s])]
+    parts = job_parts(a, cuts, speakers, [s for s in SYSTEMS if s in a.systems])
+    todo = [s for s in SYSTEMS if any(s in part.todo for part in parts)]
     if not todo:
-        logging.info(f"{tag}: {', '.join(wanted)} already decoded from these models and settings: nothing to do")
         return
     rec = models.recognizer(a.fp_dir, a.device, a.beam_size, a.ctc_weight)
     peft_model, base_fingerprint, missing = None, None, []
-    for system in SYSTEMS[: SYSTEMS.index(todo[-1]) + 1]:
-        info: dict = {"system": system, "speaker": speaker, "run_key": keys.get(system)}
-        use = contextlib.nullcontext()
-        window = adapter_window(None)  # the base model decodes as it was trained; an adapter, as it was trained
+    for system in SYSTEMS[: SYSTEMS.index(todo[-1]) + 1]:  # one model object: fp, made NF4, then adapters on it
         if system == "nf4":
             base_fingerprint = to_nf4(rec.model, a.nf4_dir, device=a.device)
         elif system == "nf4_sat":
             peft_model = load_adapter(rec.model, a.sat_dir, base_fingerprint, name="sat")
-            peft_model.set_adapter("sat")
-            window = adapter_window(a.sat_dir)
-        elif system in ADAPTED:
-            adapter = a.adapter_dir / system / tag
-            if (adapter / "fallback.json").exists():  # no adaptation data, or adapting did harm on held-out speech
-                fallback = ADAPTED[system].fallback
-                reason = read_json(adapter / "fallback.json").get("reason", "")
-                logging.warning(f"{system}/{tag}: decoding with {fallback} instead ({reason})")
-                info["fallback"] = fallback
-                if fallback == "nf4_sat":
-                    peft_model.set_adapter("sat")
-                    window = adapter_window(a.sat_dir)
-                else:
-                    use = peft_model.disable_adapter()
-            elif not (adapter / "adapter_model.safetensors").exists():  # its stage-7 job failed
-                if system in todo:
-                    missing.append(system)
-                    logging.error(f"{system}/{tag}: no adapter in {adapter}: stage 7 failed or did not run for {tag}; "
-                                  "marked as missing, not decoded with another system")
-                    write_hyps(a.out / system / tag, None, {**info, "missing": f"no adapter in {adapter} (stage 7)"})
-                continue
+        for part in (part for part in parts if system in part.todo):
+            info: dict = {"system": system, "speaker": None if part.tag == "all" else part.tag,
+                          "run_key": part.keys[system]}
+            if system in ADAPTED:
+                use = adapted(peft_model, system, a.adapter_dir / system / part.tag, a.sat_dir, base_fingerprint, info)
+            elif system == "nf4_sat":
+                use = active(peft_model, "sat", a.sat_dir)
             else:
-                load_adapter(peft_model, adapter, base_fingerprint, name=system)
-                peft_model.set_adapter(system)
-                window = adapter_window(adapter)
-        if system not in todo:
-            continue
-        start = time.time()
-        rec.set_window(window)
-        info["window"] = window
-        with use:
-            hyps = rec.transcribe(cuts, desc=f"{system}/{tag}", tokens_per_second=a.max_tokens_per_second)
-        info["seconds"] = round(time.time() - start, 2)
-        info["utterances"] = len(hyps)
-        write_hyps(a.out / system / tag, hyps, info)
-        logging.info(f"{system}/{tag}: decoded {len(hyps)} utterances in {info['seconds']} s")
+                use = contextlib.nullcontext(adapter_window(None))  # the base model decodes as it was trained
+            with use as window:
+                if window is None:
+                    missing.append(f"{system}/{part.tag}")
+                    write_hyps(a.out / system / part.tag, None, info)
+                    continue
+                start = time.time()
+                rec.set_window(window)
+                info["window"] = window
+                hyps = rec.transcribe(part.cuts, desc=f"{system}/{part.tag}", tokens_per_second=a.max_tokens_per_second)
+            info["seconds"] = round(time.time() - start, 2)
+            info["utterances"] = len(hyps)
+            write_hyps(a.out / system / part.tag, hyps, info)
+            logging.info(f"{system}/{part.tag}: decoded {len(hyps)} utterances in {info['seconds']} s")
     if missing:
-        raise MissingInput(f"speaker {tag}: no {' or '.join(missing)} adapter (rerun stage 7 for it, then stage 8; "
-                           "or score as is with --stage 9: the speaker is marked as missing for these systems)")
+        raise MissingInput(f"no adapter for {', '.join(missing)} (rerun stage 7 for them, then stage 8; "
+                           "or score as is with --stage 9: a speaker is marked as missing for these systems)")
+
+
+@contextlib.contextmanager
+def active(peft_model, name: str, adapter: Path) -> Iterator[str]:
+    """Decode with the loaded adapter ``name`` (from the folder ``adapter``); yields its input window."""
+    peft_model.set_adapter(name)
+    yield adapter_window(adapter)
+
+
+@contextlib.contextmanager
+def adapted(peft_model, system: str, adapter: Path, sat_dir: Path, base_fingerprint: str, info: dict
+            ) -> Iterator[str | None]:
+    """Decode with a speaker's adapter of a per-speaker ``system``, loaded for this speaker only; its
+    fallback where stage 7 made none on purpose (said in ``info``); yields the input window, or None (and
+    ``info["missing"]``) where stage 7 failed or did not run for the speaker."""
+    tag = adapter.name
+    if (adapter / "fallback.json").exists():  # no adaptation data, or adapting did harm on held-out speech
+        fallback = ADAPTED[system].fallback
+        reason = read_json(adapter / "fallback.json").get("reason", "")
+        logging.warning(f"{system}/{tag}: decoding with {fallback} instead ({reason})")
+        info["fallback"] = fallback
+        if fallback == "nf4_sat":
+            with active(peft_model, "sat", sat_dir) as window:
+                yield window
+        else:
+            with peft_model.disable_adapter():
+                yield adapter_window(None)
+    elif not (adapter / "adapter_model.safetensors").exists():  # its stage-7 job failed
+        logging.error(f"{system}/{tag}: no adapter in {adapter}: stage 7 failed or did not run for {tag}; "
+                      "marked as missing, not decoded with another system")
+        info["missing"] = f"no adapter in {adapter} (stage 7)"
+        yield None
+    else:
+        load_adapter(peft_model, adapter, base_fingerprint, name=system)
+        try:
+            with active(peft_model, system, adapter) as window:
+                yield window
+        finally:
+            peft_model.set_adapter("sat")
+            peft_model.delete_adapter(system)
 
 
 if __name__ == "__main__":

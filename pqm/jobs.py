@@ -2,7 +2,9 @@
 
 Every backend of ``pqm.launch`` runs each task through :func:`run_task`, so a
 task's log looks the same wherever it ran: the command, then its output, then
-``# Ended (code N)`` as with Kaldi's ``run.pl``.
+``# Ended (code N)`` as with Kaldi's ``run.pl``. Stages 7 and 8 split the test
+speakers into such tasks (:func:`write_test_speakers`, as Kaldi's ``split_data.sh``):
+each task adapts or decodes its speakers one after another.
 """
 
 from __future__ import annotations
@@ -79,38 +81,57 @@ def logged_exit_code(log: Path) -> int | None:
 
 
 def add_speaker_options(p: argparse.ArgumentParser, what: str) -> None:
-    """``--speaker NAME``, or ``--speaker-list FILE --job N`` (line N, as a job array's task N gives it)."""
+    """``--speaker NAME``, or ``--speaker-list FILE --job N`` (the speakers on line N, as task N of a job array)."""
     p.add_argument("--speaker", default=None, help=f"{what} this speaker's cuts only")
-    p.add_argument("--speaker-list", type=Path, default=None, help="with --job N: line N of this file is --speaker")
+    p.add_argument("--speaker-list", type=Path, default=None,
+                   help="with --job N: the speakers on line N of this file, one after another (stages 7-8)")
     p.add_argument("--job", type=int, default=None, help="task number of the job array (1-based)")
 
 
-def job_speaker(a: argparse.Namespace) -> str | None:
-    """The speaker that :func:`add_speaker_options`' options name (checked to be a safe file name), or None."""
+def job_speakers(a: argparse.Namespace) -> list[str | None]:
+    """The speakers that :func:`add_speaker_options`' options name (each checked to be a safe file name);
+    ``[None]`` when they name none (every utterance at once)."""
     if a.speaker_list is None:
-        return None if a.speaker is None else check_safe_id(a.speaker)
+        return [None if a.speaker is None else check_safe_id(a.speaker)]
     if a.job is None:
         raise BadInput("--speaker-list needs --job")
-    speakers = require(a.speaker_list).read_text(encoding="utf-8").split()
-    if not 1 <= a.job <= len(speakers):
-        raise BadInput(f"--job {a.job}: {a.speaker_list} names {len(speakers)} speakers")
-    return check_safe_id(speakers[a.job - 1])
+    lines = require(a.speaker_list).read_text(encoding="utf-8").splitlines()
+    if not 1 <= a.job <= len(lines) or not lines[a.job - 1].split():
+        raise BadInput(f"--job {a.job}: {a.speaker_list} has {len(lines)} lines of speakers (one a job)")
+    return [check_safe_id(s) for s in lines[a.job - 1].split()]
 
 
-def write_test_speakers(manifest_dir: Path, out: Path) -> int:
-    """Stages 7-8: stage 2's test speakers, one a line in ``out`` (task N of a job array is line N); their number."""
+def split_speakers(speakers: list[str], num_jobs: int) -> list[list[str]]:
+    """``speakers`` in at most ``num_jobs`` runs of consecutive speakers, as even in number as can be
+    (Kaldi's ``split_data.sh``): a job then pays the start-up and model loading once for all of its speakers."""
+    jobs = max(1, min(num_jobs, len(speakers)))
+    size, extra = divmod(len(speakers), jobs)
+    bounds = [n * size + min(n, extra) for n in range(jobs + 1)]
+    return [speakers[bounds[n]:bounds[n + 1]] for n in range(jobs)]
+
+
+def write_test_speakers(manifest_dir: Path, out: Path, num_jobs: int) -> int:
+    """Stages 7-8: stage 2's test speakers split into at most ``num_jobs`` jobs, line N of ``out`` the
+    speakers of job N (task N of a job array); the number of jobs."""
     speakers = read_json(require(manifest_dir / "speakers.json", "stage 2 (manifests)"))["test"]
-    write_text(out, "".join(f"{check_safe_id(s)}\n" for s in speakers))
-    return len(speakers)
+    if not speakers:
+        raise BadInput(f"{manifest_dir / 'speakers.json'} names no test speakers: rerun stage 2 (manifests)")
+    jobs = split_speakers([check_safe_id(s) for s in speakers], num_jobs)
+    write_text(out, "".join(" ".join(job) + "\n" for job in jobs))
+    return len(jobs)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pqm.jobs --manifests DIR --out FILE``: write the test-speaker list and print its length."""
+    """``python -m pqm.jobs --manifests DIR --out FILE --num-jobs J``: write the test speakers, split into at
+    most J jobs (a line each), and print the number of jobs."""
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--manifests", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--num-jobs", type=int, required=True, help="at most this many jobs (Kaldi's --nj)")
     a = p.parse_args(argv)
-    print(write_test_speakers(a.manifests, a.out))
+    if a.num_jobs < 1:
+        p.error(f"--num-jobs {a.num_jobs}: a positive number is needed")
+    print(write_test_speakers(a.manifests, a.out, a.num_jobs))
 
 
 if __name__ == "__main__":

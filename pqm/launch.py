@@ -4,13 +4,13 @@ Every ``JOB`` word in the log path and the command is replaced by the task
 number. Each task's output goes to its own log, which starts with the command
 and ends with ``# Ended (code N)``, as with Kaldi's ``run.pl``. A failed task
 does not stop the others; the launcher exits non-zero and names the failed
-tasks (with ``--task-names``: the speakers) and their logs.
+tasks (with ``--task-names``: their speakers) and their logs.
 
 It takes the options of Kaldi's ``run.pl``/``queue.pl``/``slurm.pl``
 (``--max-jobs-run N``, ``--num-threads N``, ``--mem X``, ``--gpu N``), and
 ``run.sh`` passes only those, so a site's own Kaldi script can stand in for it
 (``cmd`` in ``cmd.sh``). Its one extra, the task names, comes from the
-environment (``PQM_TASK_NAMES``, a file whose line N names task N), which other
+environment (``PQM_TASK_NAMES``, a file whose line N names task N: its speakers), which other
 scripts ignore.
 
 Backends, chosen with ``--backend`` (``cmd_backend`` in ``cmd.sh``):
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks = expand(a.job_range, a.log, a.command)
     except ValueError as exc:
         p.error(str(exc))
-    names = require(a.task_names).read_text(encoding="utf-8").split() if a.task_names else []
+    names = require(a.task_names).read_text(encoding="utf-8").splitlines() if a.task_names else []
     try:
         if a.backend == "slurm":
             overrides = {"cpus_per_task": a.num_threads or None, "mem": a.mem, "gpus": a.gpu}
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"pqm.launch: {len(failed)} of {len(tasks)} tasks failed:", file=sys.stderr)
         for t, r in failed:
-            who = f" ({names[t.index - 1]})" if t.index <= len(names) else ""
+            who = f" ({names[t.index - 1].strip()})" if t.index <= len(names) and names[t.index - 1].strip() else ""
             print(f"  task {t.index}{who}: exit code {r.code}, see {t.log}" + (f"; {r.note}" if r.note else ""), file=sys.stderr)
         return 1
     return 0

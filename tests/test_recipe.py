@@ -132,8 +132,9 @@ def test_slurm_backend_gives_the_local_results(recipe, slurm_cluster, tmp_path):
 
 
 def test_a_kaldi_run_pl_runs_the_job_arrays(recipe, tmp_path):
-    """cmd set to a minimal run.pl-style script (tests/run_pl.sh) instead of pqm.launch: stage 8 gets
-    Kaldi's options only and gives the launcher's hypotheses."""
+    """cmd set to a minimal run.pl-style script (tests/run_pl.sh) instead of pqm.launch, and --nj 1: stage 8
+    gets Kaldi's options only, decodes both speakers in one task (the model built once) and gives the
+    hypotheses of the recipe's one task per speaker."""
     exp = recipe["exp"]
     kexp = tmp_path / "exp"
     shutil.copytree(exp, kexp, ignore=shutil.ignore_patterns("decode*", "log", "results.json", "RESULTS.md"))
@@ -141,9 +142,13 @@ def test_a_kaldi_run_pl_runs_the_job_arrays(recipe, tmp_path):
         (kexp / ".done" / f"stage{n}").unlink(missing_ok=True)
     seen = tmp_path / "seen.txt"
     env = dict(os.environ, PQM_CMD=f"bash {ROOT / 'tests' / 'run_pl.sh'}", RUN_PL_SEEN=str(seen))
-    run_sh(*recipe["opts"], "--expdir", str(kexp), "--threads", "1", "--stage", "8", "--stop-stage", "9", env=env)
-    assert seen.read_text().splitlines() == ["--max-jobs-run 2 --num-threads 1"]
-    assert (kexp / "log" / "decode.2.log").read_text().startswith("# python -m pqm.decode")
+    run_sh(*recipe["opts"], "--expdir", str(kexp), "--nj", "1", "--threads", "1", "--stage", "8", "--stop-stage", "9",
+           env=env)
+    assert seen.read_text().splitlines() == ["--max-jobs-run 1 --num-threads 1"]
+    assert (kexp / "test_speakers.txt").read_text() == "george nicolas\n"
+    log = (kexp / "log" / "decode.1.log").read_text()
+    assert log.startswith("# python -m pqm.decode") and not (kexp / "log" / "decode.2.log").exists()
+    assert log.count("quantised") == 1 and "pqm/george: decoded" in log and "pqm/nicolas: decoded" in log
     for speaker in ("george", "nicolas"):
         for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
             local = (exp / "decode" / system / speaker / "text").read_text()
@@ -151,8 +156,9 @@ def test_a_kaldi_run_pl_runs_the_job_arrays(recipe, tmp_path):
 
 
 def test_failed_speaker_is_reported_and_rerun_alone(recipe, tmp_path):
-    """nicolas's pqm adapter fails (a file blocks its output folder): his nf4_sa adapter and george's job still
-    finish, stage 7 fails naming nicolas and his log; once fixed, a rerun trains only nicolas's pqm adapter."""
+    """Both speakers in one stage-7 task (--nj 1); nicolas's pqm adapter fails (a file blocks its output folder):
+    his nf4_sa adapter still trains, the stage fails naming the task, its speakers, its log and nicolas's
+    system; once fixed, a rerun trains only nicolas's pqm adapter."""
     exp = tmp_path / "exp"
     shutil.copytree(recipe["exp"], exp, ignore=shutil.ignore_patterns("decode*", "log", "results.json", "RESULTS.md"))
     shutil.rmtree(exp / "adapters" / "pqm" / "nicolas")
@@ -160,21 +166,22 @@ def test_failed_speaker_is_reported_and_rerun_alone(recipe, tmp_path):
     (exp / "adapters" / "pqm" / "nicolas").write_text("in the way")
     for n in (7, 8, 9):
         (exp / ".done" / f"stage{n}").unlink(missing_ok=True)
-    opts = [*recipe["opts"], "--expdir", str(exp), "--stage", "7", "--stop-stage", "7"]
+    opts = [*recipe["opts"], "--expdir", str(exp), "--nj", "1", "--stage", "7", "--stop-stage", "7"]
     proc = run_sh(*opts, check=False)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "1 of 2 tasks failed" in out and "task 2 (nicolas)" in out and "adapt.2.log" in out
+    assert "1 of 1 tasks failed" in out and "task 1 (george nicolas)" in out and "adapt.1.log" in out
     assert "rerun stage 7" in out
-    log = (exp / "log" / "adapt.2.log").read_text()
-    assert "no adapter for pqm" in log and "# Ended (code 1)" in log
+    log = (exp / "log" / "adapt.1.log").read_text()
+    assert "no adapter for pqm/nicolas" in log and "# Ended (code 1)" in log
     assert (exp / "adapters" / "nf4_sa" / "nicolas" / "adapter_model.safetensors").exists()  # the other system ran
     assert not (exp / ".done" / "stage7").exists()
 
     (exp / "adapters" / "pqm" / "nicolas").unlink()
     run_sh(*opts)
-    pqm_part, nf4_sa_part = (exp / "log" / "adapt.2.log").read_text().split("nf4_sa/nicolas: adapting")
-    assert "training" in pqm_part and "nothing to do" in nf4_sa_part
+    george, pqm_part, nf4_sa_part = re.split(r"pqm/nicolas: adapting|nf4_sa/nicolas: adapting",
+                                             (exp / "log" / "adapt.1.log").read_text())
+    assert "training" not in george and "training" in pqm_part and "nothing to do" in nf4_sa_part
     assert (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").exists()
 
 
@@ -257,24 +264,31 @@ def test_data_amounts_rerun_stages_7_to_9_with_fewer_utterances(recipe):
     assert [r["utterances_per_speaker"] for r in json.loads((exp / "data_amounts.json").read_text())] == [2, None]
 
 
-def test_missing_speaker_adapter_is_refused(recipe):
-    """A speaker whose stage-7 job failed is never decoded with another system's model: the job fails
-    and marks the speaker as missing for that system (scoring then lists it; see test_score)."""
+def test_missing_speaker_adapter_is_refused(recipe, tmp_path):
+    """A speaker whose stage-7 job failed is never decoded with another system's model: the job decodes its
+    other speaker, then fails and marks the speaker as missing for that system (scoring then lists it; see
+    test_score)."""
     from pqm.decode import main as decode
 
     exp, data = recipe["exp"], recipe["data"]
+    both = tmp_path / "speakers.txt"
+    both.write_text("george nicolas\n")
     (exp / "adapters" / "pqm" / "nicolas").rename(exp / "nicolas.saved")
     try:
         with pytest.raises(MissingInput, match="stage 7") as refused:  # python -m pqm.decode: exit code 2
             decode(["--fp-dir", str(exp / "fp"), "--nf4-dir", str(exp / "nf4"), "--sat-dir", str(exp / "sat"),
-                    "--adapter-dir", str(exp / "adapters"), "--speaker", "nicolas", "--systems", "pqm",
-                    "--cuts", str(data / "manifests" / "fsdd_cuts_eval.jsonl.gz"), "--out", str(exp / "decode_missing")])
+                    "--adapter-dir", str(exp / "adapters"), "--speaker-list", str(both), "--job", "1",
+                    "--systems", "nf4_sat", "pqm", "--beam-size", "2",
+                    "--cuts", str(data / "manifests" / "fsdd_cuts_eval.jsonl.gz"),
+                    "--out", str(exp / "decode_missing")])
     finally:
         (exp / "nicolas.saved").rename(exp / "adapters" / "pqm" / "nicolas")
-    assert "nicolas" in str(refused.value)
+    assert "pqm/nicolas" in str(refused.value) and "george" not in str(refused.value)
     out = exp / "decode_missing" / "pqm" / "nicolas"
     assert not (out / "text").exists()  # no hypotheses from any other system
     assert "stage 7" in json.loads((out / "info.json").read_text())["missing"]
+    george = exp / "decode_missing" / "pqm" / "george" / "text"  # george's fallback to SAT: nf4_sat's hypotheses
+    assert george.read_text() == (exp / "decode_missing" / "nf4_sat" / "george" / "text").read_text()
 
 
 def test_rerun_skips_done_stages(recipe):
