@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks = expand(a.job_range, a.log, a.command)
     except ValueError as exc:
         p.error(str(exc))
-    names = require(a.task_names).read_text(encoding="utf-8").splitlines() if a.task_names else []
+    names = [line.strip() for line in require(a.task_names).read_text(encoding="utf-8").splitlines()] \
+        if a.task_names else []
     try:
         if a.backend == "slurm":
             overrides = {"cpus_per_task": a.num_threads or None, "mem": a.mem, "gpus": a.gpu}
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"pqm.launch: {len(failed)} of {len(tasks)} tasks failed:", file=sys.stderr)
         for t, r in failed:
-            who = f" ({names[t.index - 1].strip()})" if t.index <= len(names) and names[t.index - 1].strip() else ""
+            who = f" ({names[t.index - 1]})" if t.index <= len(names) and names[t.index - 1] else ""
             print(f"  task {t.index}{who}: exit code {r.code}, see {t.log}" + (f"; {r.note}" if r.note else ""), file=sys.stderr)
         return 1
     return 0

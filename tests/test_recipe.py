@@ -103,16 +103,22 @@ def test_speaker_without_adaptation_data_falls_back(recipe):
 
 def test_slurm_backend_gives_the_local_results(recipe, slurm_cluster, tmp_path):
     """Stages 7 and 8 as Slurm job arrays, one task per speaker, give the local backend's hypotheses;
-    a rerun of stage 8 then redoes only the speaker whose output is missing."""
+    a rerun of stage 8 then redoes only the speaker whose output is missing. The speaker-independent
+    systems' hypotheses are copied from the local run (stage 8 keeps them by their run keys), so that the
+    Slurm jobs decode the per-speaker systems only."""
     exp = recipe["exp"]
     sexp = tmp_path / "exp"
     shutil.copytree(exp, sexp, ignore=shutil.ignore_patterns("adapters", "decode*", "log", "results.json", "RESULTS.md"))
+    for system in ("fp", "nf4", "nf4_sat"):
+        shutil.copytree(exp / "decode" / system, sexp / "decode" / system)
     for n in (7, 8, 9):
         (sexp / ".done" / f"stage{n}").unlink(missing_ok=True)
     opts = [*recipe["opts"], "--expdir", str(sexp), "--stage", "7", "--stop-stage", "9"]
     config = write_cluster_config(tmp_path / "slurm.yaml")
     proc = run_sh(*opts, "--cmd-backend", "slurm", "--cluster-config", str(config))
     assert proc.stdout.count("as Slurm job array") == 2  # adapt (pqm and nf4_sa per speaker), decode
+    decoded = (sexp / "log" / "decode.1.log").read_text()
+    assert "pqm/george: decoded" in decoded and "nf4_sat/george: decoded" not in decoded
     for speaker in ("george", "nicolas"):
         for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
             local = (exp / "decode" / system / speaker / "text").read_text()

@@ -124,7 +124,7 @@ def test_tedlium3_recipe_with_a_bpe_conformer_end_to_end(fsdd_dir, tmp_path):
     proc = run_sh("--corpus", "tedlium3", "--corpus-opts", f"--corpus-dir {corpus} --adapt-per-speaker 3",
                   "--datadir", str(data), "--expdir", str(exp), "--train-config", str(TINY_CONFIG), "--nbpe", "20",
                   "--max-epoch", "1", "--sat-max-duration", "12",
-                  "--sat-epochs", "1", "--sa-epochs", "2", "--beam-size", "2", "--nj", "2")
+                  "--sat-epochs", "1", "--sa-epochs", "2", "--beam-size", "2", "--nj", "1")
     assert "reading .sph with LibsndfileBackend" in proc.stdout  # no sph2pipe here
     # stage 3: segments written as 16 kHz files ESPnet reads whole, a sentencepiece model and its token list
     wav_scp = dict(line.split(maxsplit=1) for line in (data / "train" / "wav.scp").read_text().splitlines())
