@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command of README.md: sets up the virtual environment (once) and runs pytest.
 #   bash tests/run.sh              every tier (what CI runs)
-#   bash tests/run.sh --tier unit  the developer's loop (about 2 minutes on 2 cores)
+#   bash tests/run.sh --tier unit  the developer's loop (about a minute on 2 cores)
 #   bash tests/run.sh --tier e2e   recipe stages end to end, real models trained and decoded
 #   bash tests/run.sh --tier slurm the Slurm backend on a local single-node cluster
 # Other arguments go to pytest (e.g. -k whisper -x).
