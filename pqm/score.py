@@ -16,7 +16,7 @@ import jiwer
 from lhotse import CutSet
 
 from pqm.errors import BadInput, cli, require, setup_logging
-from pqm.families import FAMILIES, family
+from pqm.families import FAMILIES, family, made_on
 from pqm.files import atomic_path, read_json, write_json, write_text
 from pqm.kaldi_table import read_table
 from pqm.recipes import split_digits
@@ -138,6 +138,8 @@ def markdown(results: dict) -> str:
            f"{adaptation['minutes_per_speaker']:.2f} minutes on average"
            + (f", the last {held} of them held out to judge `pqm` and `nf4_sa`"
               if (held := adaptation.get("held_out_per_speaker")) else "")] if (adaptation := results.get("adaptation")) else []),
+        *([f"- the fp model was made (trained, or converted from --pretrained) on: {machine['cpu']}, "
+           f"{machine['cores']} cores, torch {machine['torch']}"] if (machine := results.get("fp_made_on")) else []),
         "",
         "| system | WER (%) | errors | words | rel. vs fp (%) | rel. vs nf4 (%) | speakers no worse than fp |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         **({"adaptation": adaptation_speech(CutSet.from_file(a.adapt_cuts), a.adapt_utts, a.adapt_holdout)}
            if a.adapt_cuts and a.adapt_cuts.exists() else {}),
         "stage_seconds": stage_seconds(a.expdir, started),
+        **({"fp_made_on": machine} if (machine := made_on(a.expdir / "fp")) else {}),
     }
     write_json(a.expdir / "results.json", results)
     table = markdown(results)

@@ -82,7 +82,10 @@ def test_results_schema_and_consistency(recipe):
     assert size["adapter"] == (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").stat().st_size
     assert 0 < results["params"]["lora_per_speaker"] < results["params"]["base"]
     assert set(results["stage_seconds"]) == {str(i) for i in range(1, 10)}
+    machine = results["fp_made_on"]  # stage 4 trained the model here
+    assert machine["cores"] == os.cpu_count() and machine["cpu"] and machine["torch"] == torch.__version__
     assert "| pqm |" in (exp / "RESULTS.md").read_text()
+    assert f"made (trained, or converted from --pretrained) on: {machine['cpu']}" in (exp / "RESULTS.md").read_text()
     assert (exp / "wer_per_speaker.png").read_bytes()[:4] == b"\x89PNG"
     assert "RESULTS.md" in recipe["stdout"]
 

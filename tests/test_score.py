@@ -8,6 +8,7 @@ import pytest
 
 from pqm.decode import write_hyps
 from pqm.errors import BadInput
+from pqm.families import made_on, record
 from pqm.score import count_errors, markdown, score
 
 
@@ -35,6 +36,23 @@ def test_score_per_speaker_and_fallback(tmp_path):
     assert "| b | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 (fallback: nf4_sat) |" in table
     assert "**pqm** fell back to nf4_sat for 1 of 2 speakers" in table
     json.dumps(results)
+
+
+def test_the_machine_that_made_the_model_is_in_the_results(tmp_path):
+    """Stage 4 records the machine in fp/family.json; RESULTS.md says it, and a folder without it says nothing."""
+    assert made_on(tmp_path) is None
+    record(tmp_path, "conformer")
+    machine = made_on(tmp_path)
+    assert json.loads((tmp_path / "family.json").read_text())["family"] == "conformer"
+    assert isinstance(machine["cores"], int) and machine["cpu"] and machine["torch"]
+    results = {"corpus": "c", "model": "m", "test_speakers": ["a"], "systems": {}, "size_bytes": {"fp32": 800, "nf4": 100},
+               "params": {"base": 1000, "lora_per_speaker": 9}, "fp_made_on": {"cpu": "AMD EPYC", "cores": 2,
+                                                                                 "torch": "2.13.0+cpu"}}
+    for system in ("fp", "nf4"):
+        results["systems"][system] = {"wer": 10.0, "errors": 1, "words": 10, "per_speaker": {"a": {"wer": 10.0}}}
+    assert "made (trained, or converted from --pretrained) on: AMD EPYC, 2 cores, torch 2.13.0+cpu" in markdown(results)
+    del results["fp_made_on"]
+    assert "made (trained" not in markdown(results)
 
 
 def test_relative_change_against_a_perfect_fp_is_na(tmp_path):

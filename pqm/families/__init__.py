@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import platform
 from pathlib import Path
 from types import ModuleType
 
@@ -43,10 +45,30 @@ FAMILY_FILE = "family.json"
 
 
 def record(fp_dir: Path, name: str) -> None:
-    """Stage 4: say in the model folder which family made it."""
+    """Stage 4: say in the model folder which family made it, and on what machine (a model trained on
+    another CPU can come out different: egs/fsdd/README.md, "The same command on another machine")."""
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}")
-    write_json(fp_dir / FAMILY_FILE, {"family": name})
+    write_json(fp_dir / FAMILY_FILE, {"family": name, "made_on": machine()})
+
+
+def machine() -> dict:
+    """This machine as far as it can change a trained model: the CPU model, its cores, the torch build."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(errors="replace").splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+
+
+def made_on(fp_dir: Path) -> dict | None:
+    """The machine stage 4 recorded in ``fp_dir`` (None where it was not recorded, or there is no record)."""
+    path = Path(fp_dir) / FAMILY_FILE
+    return read_json(path).get("made_on") if path.is_file() else None
 
 
 def family_of(fp_dir: Path) -> str:
