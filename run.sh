@@ -38,6 +38,9 @@ sat_lr=0.001
 sat_utts=0              # SAT on at most this many training utterances (0: all)
 sat_max_duration=0      # SAT batches of similar-length utterances of at most this many seconds (0: 16 utterances)
 sat_init=zero           # SAT LoRA start: zero (peft's default, B = 0) or svd (the rank-r SVD of the NF4 quantisation error)
+saml_experts=0          # also saml: at most this many LoRA experts of training-speaker groups and a router over them (0: off)
+saml_epochs=2           # saml: each expert's epochs from SAT on its group (lr: --sat-lr)
+saml_router_epochs=1    # saml: the router's epochs on the training utterances, experts frozen
 sa_epochs=10
 sa_utts=0               # per-speaker adaptation on each speaker's first N adaptation utterances (0: all; local/data_amounts.sh)
 sa_lr=0.001
@@ -125,6 +128,23 @@ speaker_jobs() {  # speaker_jobs NAME command...: the test speakers split into a
         "${@:2}" --speaker-list "${speakers}" --job JOB
 }
 
+saml=${expdir}/saml
+stage6() {  # SAT; with --saml-experts K also saml: groups of training speakers, an expert from SAT on each, the router
+    "${sat_launcher[@]}" -m pqm.adapt "${opts_lora[@]}" --cuts "$(cuts train)" --max-utts "${sat_utts}" \
+        --epochs "${sat_epochs}" --lr "${sat_lr}" --lora-init "${sat_init}" --max-duration "${sat_max_duration}" \
+        --out "${expdir}/sat"
+    [ "${saml_experts}" -gt 0 ] || return 0
+    local opts_saml=("${opts_nf4[@]}" --cuts "$(cuts train)" --saml-dir "${saml}" --seed "${seed}" \
+        --window "${whisper_window}" --max-duration "${sat_max_duration}")
+    python -m pqm.saml groups "${opts_saml[@]}" --experts "${saml_experts}"
+    local group
+    for group in "${saml}"/cuts/expert*.jsonl.gz; do  # names made by pqm.saml, never from speaker ids
+        python -m pqm.adapt "${opts_lora[@]}" --init "${expdir}/sat" --cuts "${group}" --epochs "${saml_epochs}" \
+            --lr "${sat_lr}" --max-duration "${sat_max_duration}" --out "${saml}/experts/$(basename "${group}" .jsonl.gz)"
+    done
+    python -m pqm.saml router "${opts_saml[@]}" --epochs "${saml_router_epochs}"
+}
+
 adapted=(pqm nf4_sa); [ "${unsup}" = false ] || adapted+=(pqm_unsup)  # the per-speaker systems (pqm/systems.py)
 stage7() {  # one job per speaker trains every system's adapter; a failed one stops neither the others nor other speakers
     speaker_jobs adapt python -m pqm.adapt_speakers "${opts_lora[@]}" --sat-dir "${expdir}/sat" --systems "${adapted[@]}" \
@@ -133,10 +153,12 @@ stage7() {  # one job per speaker trains every system's adapter; a failed one st
         --adapters "${expdir}/adapters" || die "adaptation failed for the speakers listed above; rerun stage 7 to redo only those"
 }
 
+shared=(); [ "${saml_experts}" -eq 0 ] || shared+=(saml)  # speaker-independent systems of stage 6's options
 stage8() {  # every system, per test speaker
     [ -e "${expdir}/adapters/pqm" ] || die "missing ${expdir}/adapters/pqm: run stage 7 first (./run.sh --stage 7 with the options in ${expdir}/run.cmd)"
     speaker_jobs decode python -m pqm.decode "${opts_nf4[@]}" --sat-dir "${expdir}/sat" --adapter-dir "${expdir}/adapters" \
-        --cuts "$(cuts eval)" --systems fp nf4 nf4_sat "${adapted[@]}" --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" \
+        --saml-dir "${saml}" --cuts "$(cuts eval)" --systems fp nf4 nf4_sat "${adapted[@]}" "${shared[@]}" \
+        --beam-size "${beam_size}" --ctc-weight "${ctc_weight}" \
         --max-tokens-per-second "${whisper_max_tokens_per_second}" --out "${expdir}/decode"
 }
 
@@ -147,9 +169,7 @@ run_stage 4 "train or load the ${model} model" python -m pqm.families train "${f
 run_stage 5 "NF4 quantisation" python -m pqm.quantize --fp-dir "${expdir}/fp" --out "${expdir}/nf4" \
     --blocksize "${nf4_blocksize}" --double-quant "${nf4_double_quant}" --min-conv-numel "${nf4_min_conv_numel}" \
     --embeddings "${nf4_embeddings}" --unquantised-dtype "${nf4_unquantised_dtype}" --device "${device}"
-run_stage 6 "speaker adaptive training (SAT LoRA)" "${sat_launcher[@]}" -m pqm.adapt "${opts_lora[@]}" \
-    --cuts "$(cuts train)" --max-utts "${sat_utts}" --epochs "${sat_epochs}" --lr "${sat_lr}" --lora-init "${sat_init}" \
-    --max-duration "${sat_max_duration}" --out "${expdir}/sat"
+run_stage 6 "speaker adaptive training (SAT LoRA)" stage6
 run_stage 7 "per-speaker LoRA adaptation" stage7
 run_stage 8 "decoding" stage8
 run_stage 9 "scoring" python -m pqm.score --expdir "${expdir}" --cuts "$(cuts eval)" --model "${model}" --corpus "${corpus}" \

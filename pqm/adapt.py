@@ -374,10 +374,13 @@ def main(argv: list[str] | None = None) -> None:
             dist.destroy_process_group()
 
 
-def fp_hypotheses(rec, cuts: CutSet, cache: Path, key: dict) -> dict[str, str]:
-    """The full-precision model's greedy hypotheses of ``cuts`` (cached in ``cache`` under ``key``)."""
-    if cache.exists() and read_json(cache).get("key") == key:
-        return read_json(cache)["hyps"]
+def fp_hypotheses(rec, cuts: CutSet, cache: Path, key: dict, also: Path | None = None) -> dict[str, str]:
+    """The full-precision model's greedy hypotheses of ``cuts`` (cached in ``cache`` under ``key``); read from
+    ``also`` (another adapter's cache, e.g. SAT's for saml's experts) where it holds them all, of the same model."""
+    for source in (cache, also):
+        cached = read_json(source) if source is not None and source.exists() else {}
+        if cached.get("key", {}).get("fp") == key["fp"] and all(c.id in cached["hyps"] for c in cuts):
+            return {c.id: cached["hyps"][c.id] for c in cuts}
     hyps = rec.transcribe(cuts, desc="fp hypotheses for the targets")
     write_json(cache, {"key": key, "hyps": hyps})
     return hyps
@@ -389,6 +392,20 @@ def fp_hypotheses_cache(out: Path, speaker: str | None) -> Path:
     if speaker is None:
         return out.parent / f".{out.name}.fp_hyps.json"
     return out.parent / ".fp_hyps" / f"{speaker}.json"
+
+
+def styled_targets(rec, cuts: CutSet, style: str, fp_dir: Path, cache: Path, also: Path | None = None) -> CutSet:
+    """The cuts with their transcripts in ``style`` (``--target-style``), with the full-precision model's
+    hypotheses (:func:`fp_hypotheses`, cached in ``cache``) where the style needs them: ``rec``'s model must
+    then still be the full-precision one."""
+    if style == "corpus":
+        return cuts
+    hyps = None
+    if style == "model":
+        rec.set_window(BASE_WINDOW)  # the full-precision model reads its 30 s window
+        hyps = fp_hypotheses(rec, cuts, cache, {"fp": file_digest(fp_dir / "model.safetensors"),
+                                                "utterances": ids_digest(c.id for c in cuts)}, also=also)
+    return restyled(cuts, style, hyps)
 
 
 def restyled(cuts: CutSet, style: str, hyps: dict[str, str] | None) -> CutSet:
@@ -457,12 +474,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     base_params = count_params(model)
     timer.done("load the model")
     if a.target_style != "corpus" and a.targets == "transcripts":
-        hyps = None
-        if a.target_style == "model":
-            rec.set_window(BASE_WINDOW)  # the full-precision model reads its 30 s window
-            hyps = fp_hypotheses(rec, cuts, fp_hypotheses_cache(a.out, speaker),
-                                 {"fp": file_digest(a.fp_dir / "model.safetensors"), "utterances": key["utterances"]})
-        cuts = restyled(cuts, a.target_style, hyps)
+        cuts = styled_targets(rec, cuts, a.target_style, a.fp_dir, fp_hypotheses_cache(a.out, speaker),
+                              also=fp_hypotheses_cache(a.init, None) if a.init else None)
         timer.done("restyle the targets")
     rec.set_window(a.window)
     held_ids = set(sorted(c.id for c in cuts)[len(cuts) - a.holdout:]) if a.holdout else set()

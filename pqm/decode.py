@@ -6,7 +6,8 @@ once; a per-speaker adapter is loaded for its speaker and unloaded after):
 ``fp`` (full precision), ``nf4`` (quantised), ``nf4_sat`` (+ SAT LoRA),
 ``nf4_sa`` (+ per-speaker LoRA trained from scratch), ``pqm`` (+ per-speaker
 LoRA started from SAT) and, when asked for, ``pqm_unsup`` (the same, trained on
-``nf4_sat``'s own hypotheses instead of transcripts). Decoding is ESPnet's beam search (``Speech2Text``) for
+``nf4_sat``'s own hypotheses instead of transcripts) and ``saml`` (no per-speaker data: each utterance through
+its router's mixture of the training speakers' LoRA experts, :mod:`pqm.saml`). Decoding is ESPnet's beam search (``Speech2Text``) for
 a Conformer and ``generate`` for Whisper (each family's ``recognizer``, :mod:`pqm.families`).
 Hypotheses go to ``<out>/<system>/<speaker>/text`` (Kaldi ``text`` format),
 and ``<out>/<system>/<speaker>/info.json`` records any fallback and the
@@ -33,6 +34,7 @@ from pqm.files import file_digest, ids_digest, read_json, write_json, write_text
 from pqm.jobs import add_speaker_options, job_speakers
 from pqm.lora import adapter_window, load_adapter
 from pqm.nf4 import to_nf4
+from pqm.saml import MADE_BY, ROUTER, ROUTER_META, Mixture
 from pqm.systems import ADAPTED, DEFAULT_SYSTEMS, SYSTEMS
 
 
@@ -72,6 +74,10 @@ def run_keys(a: argparse.Namespace, tag: str, cuts: CutSet, systems: list[str]) 
     keys = {"fp": common, "nf4": {**common, **nf4}, "nf4_sat": {**common, **sat}}
     for system in ADAPTED:
         keys[system] = {**common, **sat, system: _adapter_digest(a.adapter_dir / system / tag)}
+    if "saml" in systems:
+        router = require(a.saml_dir / ROUTER, MADE_BY)
+        keys["saml"] = {**common, **nf4, "saml": {"router": file_digest(router),
+                                                  "experts": read_json(a.saml_dir / ROUTER_META)["run_key"]["experts"]}}
     return {system: keys[system] for system in systems}
 
 
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sat-dir", type=Path, required=True, help="SAT adapter (stage 6)")
     p.add_argument("--adapter-dir", type=Path, required=True,
                    help="per-speaker adapters: <dir>/{pqm,nf4_sa,pqm_unsup}/<speaker> (stage 7)")
+    p.add_argument("--saml-dir", type=Path, help="saml's experts and router (stage 6 with --saml-experts)")
     p.add_argument("--cuts", type=Path, required=True, help="evaluation cuts")
     p.add_argument("--out", type=Path, required=True)
     add_speaker_options(p, "decode")
@@ -124,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="Whisper: at most this many tokens per second of audio (+ 8) per hypothesis (0: 128 tokens)")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
+    if "saml" in a.systems and a.saml_dir is None:
+        p.error("--systems saml needs --saml-dir")
     setup_logging()
     speakers = job_speakers(a)
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
@@ -136,12 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     if not todo:
         return
     rec = models.recognizer(a.fp_dir, a.device, a.beam_size, a.ctc_weight)
-    peft_model, base_fingerprint, missing = None, None, []
+    peft_model, base_fingerprint, mixture, missing = None, None, None, []
     for system in SYSTEMS[: SYSTEMS.index(todo[-1]) + 1]:  # one model object: fp, made NF4, then adapters on it
         if system == "nf4":
             base_fingerprint = to_nf4(rec.model, a.nf4_dir, device=a.device)
         elif system == "nf4_sat":
             peft_model = load_adapter(rec.model, a.sat_dir, base_fingerprint, name="sat")
+        elif system == "saml":
+            mixture = Mixture(peft_model, a.saml_dir, base_fingerprint)
         for part in (part for part in parts if system in part.todo):
             info: dict = {"system": system, "speaker": None if part.tag == "all" else part.tag,
                           "run_key": part.keys[system]}
@@ -149,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                 use = adapted(peft_model, system, a.adapter_dir / system / part.tag, a.sat_dir, base_fingerprint, info)
             elif system == "nf4_sat":
                 use = active(peft_model, "sat", a.sat_dir)
+            elif system == "saml":
+                use = contextlib.nullcontext(adapter_window(a.saml_dir / "experts" / mixture.names[0]))
             else:
                 use = contextlib.nullcontext(adapter_window(None))  # the base model decodes as it was trained
             with use as window:
@@ -159,7 +172,11 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.time()
                 rec.set_window(window)
                 info["window"] = window
-                hyps = rec.transcribe(part.cuts, desc=f"{system}/{part.tag}", tokens_per_second=a.max_tokens_per_second)
+                rows = mixture.route(rec, models, part.cuts) if system == "saml" else None
+                hyps = rec.transcribe(part.cuts, desc=f"{system}/{part.tag}", tokens_per_second=a.max_tokens_per_second,
+                                      adapters=rows)
+                if rows:
+                    info["mean_weights"] = {n: round(sum(r[n] for r in rows) / len(rows), 3) for n in mixture.names}
             info["seconds"] = round(time.time() - start, 2)
             info["utterances"] = len(hyps)
             write_hyps(a.out / system / part.tag, hyps, info)

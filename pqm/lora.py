@@ -127,10 +127,12 @@ def load_adapter(
 
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+Row = str | dict[str, float]  # a row's loaded adapter, or its weights over loaded adapters (a mixture)
 
 
 class RowAdapters:
-    """Each row of a batch through its own loaded LoRA adapter (``BASE``: none), in one forward pass.
+    """Each row of a batch through its own loaded LoRA adapter (``BASE``: none), or its own mixture of loaded
+    adapters, in one forward pass.
 
     peft's mixed-adapter batches: its LoRA layers take ``adapter_names``, one per row. peft's own
     ``generate(adapter_names=...)`` fixes that list for the whole call; here it is set per forward pass
@@ -138,12 +140,18 @@ class RowAdapters:
     rows (beam search expands each row into ``k`` beams, ``repeat_interleave`` style) repeats each name
     ``k`` times. A decoder that decodes a sub-batch again (Whisper's temperature fallback) sets
     :attr:`names` to that sub-batch's adapters first.
+
+    A row given as ``{adapter: weight}`` (:mod:`pqm.saml`) goes through every adapter of the mixture at
+    once, each LoRA layer's output of adapter ``k`` times the row's weight for ``k``: the adapters must be
+    the layers' active ones (``set_adapter([...])``), and their ``scaling`` is set per forward pass and
+    restored on exit.
     """
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
+    def __init__(self, model: nn.Module, names: list[Row]) -> None:
         self.names = list(names)
-        self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True)
-                         for m in model.modules() if isinstance(m, LoraLayer)]
+        self._layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self._scaling = {id(m): dict(m.scaling) for m in self._layers}
+        self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self._layers]
         if not self._handles:
             raise BadInput("per-utterance adapters need a model with LoRA layers (load an adapter first)")
 
@@ -152,7 +160,14 @@ class RowAdapters:
         if not self.names or rows % len(self.names):
             raise RuntimeError(f"a batch of {rows} rows for {len(self.names)} utterances' adapters")
         repeat = rows // len(self.names)
-        return args, {**kwargs, "adapter_names": [name for name in self.names for _ in range(repeat)]}
+        if all(isinstance(name, str) for name in self.names):
+            return args, {**kwargs, "adapter_names": [name for name in self.names for _ in range(repeat)]}
+        shape = (rows,) + (1,) * (args[0].dim() - 1)
+        for adapter, scaling in self._scaling[id(module)].items():
+            weights = torch.stack([torch.as_tensor(row.get(adapter, 0.0)) for row in self.names])  # keeps a router's graph
+            weights = weights.to(dtype=args[0].dtype, device=args[0].device)
+            module.scaling[adapter] = scaling * weights.repeat_interleave(repeat).view(shape)
+        return args, kwargs
 
     def __enter__(self) -> "RowAdapters":
         return self
@@ -160,10 +175,12 @@ class RowAdapters:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
+        for module in self._layers:
+            module.scaling.update(self._scaling[id(module)])
 
 
 @contextmanager
-def per_row(model: nn.Module, adapters: list[str] | None) -> Iterator[RowAdapters | None]:
+def per_row(model: nn.Module, adapters: list[Row] | None) -> Iterator[RowAdapters | None]:
     """:class:`RowAdapters` on ``model`` (names set by the decoder) when ``adapters`` are given, else None."""
     if adapters is None:
         yield None

@@ -114,6 +114,15 @@ def nf4_by_kind(breakdown: dict[str, int] | None) -> dict:
     return {"nf4_by_kind": kinds}
 
 
+def saml_size(saml_dir: Path, systems: dict) -> tuple[dict, int]:
+    """Where ``saml`` was decoded: its experts and router parameters, and their bytes on disk (stage 6's
+    ``router.json``); else ``({}, 0)``."""
+    if "saml" not in systems:
+        return {}, 0
+    router = read_json(saml_dir / "router.json", "stage 6 with --saml-experts")
+    return {"experts": len(router["experts"]), "router_params": router["router_params"]}, router["bytes"]
+
+
 def markdown(results: dict) -> str:
     """The results as ESPnet-style markdown tables: systems, then speakers (rows) by system (columns)."""
     systems = results["systems"]
@@ -133,6 +142,9 @@ def markdown(results: dict) -> str:
                                                   for what, n in size["nf4_by_kind"].items())] if "nf4_by_kind" in size else []),
         *([f"- one speaker's adapter file: {size['adapter']:,} bytes ({100 * size['adapter'] / size['nf4']:.2f}% of the "
            "NF4 file)"] if "adapter" in size else []),
+        *([f"- `saml`: {saml['experts']} LoRA experts and a router of {saml['router_params']:,} parameters, "
+           f"{size['saml']:,} bytes on disk ({100 * size['saml'] / size['nf4']:.2f}% of the NF4 file)"]
+          if (saml := results.get("saml")) else []),
         *([f"- adaptation speech per test speaker: {adaptation['utterances_per_speaker'] or 'all'} utterance"
            f"{'' if adaptation['utterances_per_speaker'] == 1 else 's'}, "
            f"{adaptation['minutes_per_speaker']:.2f} minutes on average"
@@ -261,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     systems = score(require(a.expdir / "decode", "stage 8 (decoding)"), refs, speakers, family(a.model).text_normaliser(a.expdir / "fp", digits))
     if test_sets:
         add_per_set(systems, test_sets)
+    saml, saml_bytes = saml_size(a.expdir / "saml", systems)
     results = {
         "corpus": a.corpus,
         "model": a.model,
@@ -269,8 +282,10 @@ def main(argv: list[str] | None = None) -> None:
         "systems": systems,
         **({"test_sets": test_sets} if test_sets else {}),
         "size_bytes": {**size["size_bytes"], **nf4_by_kind(size.get("breakdown_bytes")),
-                       **({"adapter": max(f.stat().st_size for f in adapters)} if adapters else {})},
+                       **({"adapter": max(f.stat().st_size for f in adapters)} if adapters else {}),
+                       **({"saml": saml_bytes} if saml else {})},
         "params": {"base": size["params"], "lora_per_speaker": max(lora)},
+        **({"saml": saml} if saml else {}),
         **({"adaptation": adaptation_speech(CutSet.from_file(a.adapt_cuts), a.adapt_utts, a.adapt_holdout)}
            if a.adapt_cuts and a.adapt_cuts.exists() else {}),
         "stage_seconds": stage_seconds(a.expdir, started),

@@ -1,7 +1,8 @@
 """The systems a recipe compares, and what stage 7 trains for each per-speaker one.
 
 ``fp`` (full precision), ``nf4`` (quantised) and ``nf4_sat`` (+ the SAT LoRA)
-are speaker-independent. ``nf4_sa``, ``pqm`` and ``pqm_unsup`` have one LoRA
+are speaker-independent, and so is ``saml`` (a mixture of LoRA experts routed per utterance,
+:mod:`pqm.saml`). ``nf4_sa``, ``pqm`` and ``pqm_unsup`` have one LoRA
 adapter per test speaker (stage 7); a speaker without one is decoded with the
 system's fallback, and the results say so.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SYSTEMS = ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "pqm_unsup")  # the order stage 8 builds them on one model
-DEFAULT_SYSTEMS = SYSTEMS[:5]  # pqm_unsup only with stage 7's --unsup
+SYSTEMS = ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "pqm_unsup", "saml")  # the order stage 8 builds them on one model
+DEFAULT_SYSTEMS = SYSTEMS[:5]  # pqm_unsup only with stage 7's --unsup, saml only with stage 6's --saml-experts
 
 
 @dataclass(frozen=True)

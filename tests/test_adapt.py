@@ -157,3 +157,28 @@ def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         adapt(setup, tmp_path / "c", 1, "--targets", "pseudo")
     assert "--targets pseudo needs --init" in capsys.readouterr().err
+
+
+def test_fp_hypotheses_are_read_from_a_cache_that_holds_them(tmp_path):
+    """saml's experts train on subsets of SAT's utterances: their model-style targets' fp hypotheses are read
+    from SAT's cache where it holds every one of them from the same fp model, else decoded (and cached)."""
+    from lhotse import CutSet, MonoCut
+
+    from pqm.adapt import fp_hypotheses
+    from pqm.files import write_json
+
+    class Recognizer:
+        decoded: list[str] = []
+
+        def transcribe(self, cuts, desc):
+            self.decoded += [c.id for c in cuts]
+            return {c.id: f"new {c.id}" for c in cuts}
+
+    cuts = CutSet.from_cuts([MonoCut(id=i, start=0, duration=1, channel=0) for i in ("a", "b")])
+    sat = tmp_path / ".sat.fp_hyps.json"
+    write_json(sat, {"key": {"fp": "F", "utterances": "all"}, "hyps": {"a": "A", "b": "B", "c": "C"}})
+    rec = Recognizer()
+    assert fp_hypotheses(rec, cuts, tmp_path / "own.json", {"fp": "F", "utterances": "ab"}, also=sat) == {"a": "A", "b": "B"}
+    assert rec.decoded == [] and not (tmp_path / "own.json").exists()
+    assert fp_hypotheses(rec, cuts, tmp_path / "own.json", {"fp": "G", "utterances": "ab"}, also=sat)["a"] == "new a"
+    assert rec.decoded == ["a", "b"] and (tmp_path / "own.json").exists()  # another fp model: decoded again

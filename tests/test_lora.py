@@ -115,3 +115,47 @@ def test_svd_init_starts_where_full_precision_was(tiny_fp_dir, nf4_dir):
         with peft_model.disable_adapter():
             without = layer(x)
     assert torch.linalg.norm(with_lora - fp_out) < torch.linalg.norm(without - fp_out)
+
+
+def test_row_mixtures_weigh_loaded_adapters_per_row(tiny_fp_dir, nf4_dir, tmp_path):
+    """saml's mixtures (pqm.lora.RowAdapters): a row weighted wholly on one adapter is that adapter alone, a
+    half-and-half row is neither, a router's weights get gradients, and the layers' scaling is left as it was."""
+    from pqm.lora import RowAdapters
+
+    for seed, name in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        _trained_adapter(tiny_fp_dir, nf4_dir, tmp_path / name)
+    model, fp = _nf4_model(tiny_fp_dir, nf4_dir)
+    for name in ("a", "b"):
+        model = load_adapter(model, tmp_path / name, fp, name=name)
+    net = model.base_model.model
+    speech, lengths = torch.randn(1, 8000).repeat(3, 1) * 0.1, torch.tensor([8000] * 3)
+    alone = {}
+    with torch.no_grad():
+        for name in ("a", "b"):
+            model.base_model.set_adapter(name)
+            alone[name] = net.encode(speech[:1], lengths[:1])[0][0]
+    model.base_model.set_adapter(["a", "b"])
+    scaling = {id(m): dict(m.scaling) for m in model.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)}
+    logits = torch.zeros(3, 2, requires_grad=True)
+    weights = torch.softmax(logits + torch.tensor([[1e4, 0], [0, 1e4], [0, 0]]), -1)
+    with RowAdapters(model, [{"a": w[0], "b": w[1]} for w in weights]):
+        mixed = net.encode(speech, lengths)[0]
+    assert torch.allclose(mixed[0], alone["a"], atol=1e-5) and torch.allclose(mixed[1], alone["b"], atol=1e-5)
+    assert not torch.allclose(mixed[2], alone["a"], atol=1e-4) and not torch.allclose(mixed[2], alone["b"], atol=1e-4)
+    mixed[2].sum().backward()
+    assert logits.grad[2].abs().sum() > 0
+    assert {id(m): dict(m.scaling) for m in model.modules() if id(m) in scaling} == scaling
+
+
+def test_kmeans_finds_separated_groups():
+    from pqm.saml import expert_names, kmeans
+
+    gen = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(5, 3, generator=gen) * 0.01 + c for c in (torch.ones(3), -torch.ones(3), torch.zeros(3))])
+    order = torch.randperm(15, generator=gen)
+    assign = kmeans(points[order], 3)
+    groups = {tuple(sorted(order[i].item() // 5 for i in range(15) if assign[i] == j)) for j in range(3)}
+    assert groups == {(0,) * 5, (1,) * 5, (2,) * 5}
+    assert assign[0] == 0 and sorted(set(assign)) == [0, 1, 2]
+    assert expert_names(2) == ["expert01", "expert02"]

@@ -44,14 +44,16 @@ def run_sh(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def recipe(fsdd_dir, tmp_path_factory):
-    """Run all nine stages; george has no adaptation recordings (indices < 45 removed)."""
+    """Run all nine stages, with saml (an expert for each of the two training speakers); george has no
+    adaptation recordings (indices < 45 removed)."""
     tmp = tmp_path_factory.mktemp("recipe")
     corpus = make_fsdd_subset(tmp / "fsdd", ["jackson", "theo", "george", "nicolas"])
     for f in (corpus / "recordings").glob("*_george_*.wav"):
         if int(f.stem.split("_")[2]) < 45:
             f.unlink()
     exp, data = tmp / "exp", tmp / "data"
-    opts = [*TINY, "--corpus-opts", f"{TINY_DIGITS} --corpus-dir '{corpus}'", "--expdir", str(exp), "--datadir", str(data), "--nj", "2"]
+    opts = [*TINY, "--corpus-opts", f"{TINY_DIGITS} --corpus-dir '{corpus}'", "--expdir", str(exp), "--datadir", str(data), "--nj", "2",
+            "--saml-experts", "4", "--saml-epochs", "1"]
     proc = run_sh(*opts)
     return {"exp": exp, "data": data, "opts": opts, "stdout": proc.stdout}
 
@@ -61,7 +63,7 @@ def test_results_schema_and_consistency(recipe):
     results = json.loads((exp / "results.json").read_text())
     assert results["corpus"] == "fsdd" and results["model"] == "conformer"
     assert results["test_speakers"] == ["george", "nicolas"]
-    assert set(results["systems"]) == {"fp", "nf4", "nf4_sat", "nf4_sa", "pqm"}
+    assert set(results["systems"]) == {"fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "saml"}
     eval_cuts = CutSet.from_file(recipe["data"] / "manifests" / "fsdd_cuts_eval.jsonl.gz")
     n_words = sum(len(c.supervisions[0].text.split()) for c in eval_cuts)
     refs = {c.id: c.supervisions[0].text for c in eval_cuts}
@@ -81,6 +83,10 @@ def test_results_schema_and_consistency(recipe):
     assert sum(size["nf4_by_kind"].values()) == size["nf4"] == (exp / "nf4" / "model.safetensors").stat().st_size
     assert size["adapter"] == (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").stat().st_size
     assert 0 < results["params"]["lora_per_speaker"] < results["params"]["base"]
+    experts = [exp / "saml" / "experts" / e / "adapter_model.safetensors" for e in ("expert01", "expert02")]
+    assert size["saml"] == sum(f.stat().st_size for f in [*experts, exp / "saml" / "router.safetensors"])
+    assert results["saml"] == {"experts": 2, "router_params": 2 * (64 + 1)}  # the tiny encoder's 64 outputs
+    assert "- `saml`: 2 LoRA experts and a router of 130 parameters" in (exp / "RESULTS.md").read_text()
     assert set(results["stage_seconds"]) == {str(i) for i in range(1, 10)}
     machine = results["fp_made_on"]  # stage 4 trained the model here
     assert machine["cores"] == os.cpu_count() and machine["cpu"] and machine["torch"] == torch.__version__
@@ -88,6 +94,26 @@ def test_results_schema_and_consistency(recipe):
     assert f"made (trained, or converted from --pretrained) on: {machine['cpu']}" in (exp / "RESULTS.md").read_text()
     assert (exp / "wer_per_speaker.png").read_bytes()[:4] == b"\x89PNG"
     assert "RESULTS.md" in recipe["stdout"]
+
+
+def test_saml_mixes_an_expert_of_each_training_speaker(recipe):
+    """Stage 6's saml: one expert a training speaker (2 speakers, --saml-experts 4), each started from SAT and
+    trained on its speaker's utterances only; stage 8 routes every test utterance (weights summing to 1) and
+    reads no adaptation data (george has none and is decoded all the same)."""
+    exp, saml = recipe["exp"], recipe["exp"] / "saml"
+    groups = json.loads((saml / "groups.json").read_text())
+    assert groups["experts"] == {"expert01": ["jackson"], "expert02": ["theo"]}
+    for expert, speaker in (("expert01", "jackson"), ("expert02", "theo")):
+        meta = json.loads((saml / "experts" / expert / "pqm_adapter.json").read_text())
+        assert meta["init"] == str(exp / "sat") and meta["epochs"] == 1
+        cuts = CutSet.from_file(saml / "cuts" / f"{expert}.jsonl.gz")
+        assert {c.supervisions[0].speaker for c in cuts} == {speaker} and meta["utterances"] == len(cuts) == 100
+    router = json.loads((saml / "router.json").read_text())
+    assert router["experts"] == ["expert01", "expert02"] and len(router["loss_per_epoch"]) == 1
+    assert load_file(saml / "router.safetensors")["weight"].abs().sum() > 0  # trained away from equal weights
+    for speaker in ("george", "nicolas"):
+        info = json.loads((exp / "decode" / "saml" / speaker / "info.json").read_text())
+        assert abs(sum(info["mean_weights"].values()) - 1) < 1e-3 and "fallback" not in info
 
 
 def test_speaker_without_adaptation_data_falls_back(recipe):
@@ -112,7 +138,7 @@ def test_slurm_backend_gives_the_local_results(recipe, slurm_cluster, tmp_path):
     exp = recipe["exp"]
     sexp = tmp_path / "exp"
     shutil.copytree(exp, sexp, ignore=shutil.ignore_patterns("adapters", "decode*", "log", "results.json", "RESULTS.md"))
-    for system in ("fp", "nf4", "nf4_sat"):
+    for system in ("fp", "nf4", "nf4_sat", "saml"):
         shutil.copytree(exp / "decode" / system, sexp / "decode" / system)
     for n in (7, 8, 9):
         (sexp / ".done" / f"stage{n}").unlink(missing_ok=True)
@@ -159,7 +185,7 @@ def test_a_kaldi_run_pl_runs_the_job_arrays(recipe, tmp_path):
     assert log.startswith("# python -m pqm.decode") and not (kexp / "log" / "decode.2.log").exists()
     assert log.count("quantised") == 1 and "pqm/george: decoded" in log and "pqm/nicolas: decoded" in log
     for speaker in ("george", "nicolas"):
-        for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
+        for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "saml"):
             local = (exp / "decode" / system / speaker / "text").read_text()
             assert (kexp / "decode" / system / speaker / "text").read_text() == local, (system, speaker)
 

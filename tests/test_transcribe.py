@@ -208,6 +208,18 @@ def test_whisper_mixed_speaker_batch_follows_beams_and_fallback(fsdd_dir, whispe
     names = [model._load(adapters[0]), model._load(adapters[1]), "__base__"]
     assert seen[0] == names and seen[-1] == names  # the first pass and the fallback's
 
+    # saml's rows: weights over both adapters, all active; a row weighted wholly on one is that adapter alone,
+    # through the beams and the fallback's sub-batch alike
+    monkeypatch.setitem(whisper.DECODING, "temperature", [0.0])
+    model.peft.base_model.set_adapter(names[:2])
+    rows = [{names[0]: 1.0, names[1]: 0.0}, {names[0]: 0.0, names[1]: 1.0}]
+    model.rec.set_window("padded")
+    assert model.rec.transcribe(cuts[:2], desc="mixture", adapters=rows) == {c.id: alone[c.id] for c in cuts[:2]}
+    seen.clear()
+    monkeypatch.setitem(whisper.DECODING, "temperature", [0.0, 0.5])
+    model.rec.transcribe(cuts[:2], desc="mixture", adapters=rows)
+    assert seen[0] == rows and seen[-1] == rows
+
 
 def test_http_requests_that_arrive_together_share_a_batch(fsdd_dir, tiny_exp):
     """Concurrent requests of different speakers are decoded in one mixed batch, each answered as if alone;

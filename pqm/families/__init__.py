@@ -17,7 +17,9 @@ need to know about one kind of model, as module-level names:
 - ``DEFAULT_TARGETS``: the LoRA target modules (a regex);
 - ``batch_iterator(fp_dir, window)``: LoRA training batches;
 - ``token_loss(loss, batch)``: the training loss of a batch of one per target token (pseudo-label confidence);
-- ``recognizer(fp_dir, device, beam_size, ctc_weight)``: decoding;
+- ``encoder_mean(model, batch)``: each utterance's mean encoder output (``saml``'s router reads it);
+- ``recognizer(fp_dir, device, beam_size, ctc_weight)``: decoding (``transcribe(cuts, ...)``), and
+  ``inputs(cuts)``: the encoder's input of cuts, one batch;
 - ``DECODING``: decoding settings fixed by the family (part of stage 8's run key);
 - ``text_normaliser(fp_dir, split_digits)``: scoring normalisation (``split_digits``: the corpus's rule);
 - ``log_filter()``: a logging filter for the decoding log, or None.

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from lhotse import CutSet
+from lhotse.dataset.collation import collate_audio
 
 from pqm.batches import at_16k, iterate_batches
 from pqm.errors import BadInput, require
@@ -140,10 +141,17 @@ class EspnetRecognizer:
     def set_window(self, window: str) -> None:
         """Whole utterances, whatever the window: only Whisper pads its input to a window."""
 
+    def inputs(self, cuts) -> dict[str, torch.Tensor]:
+        """The encoder's input of the cuts, one batch: ``speech`` and ``speech_lengths`` (16 kHz)."""
+        speech, lengths = collate_audio(CutSet.from_cuts(at_16k(cuts)))
+        return {"speech": speech, "speech_lengths": lengths}
+
     def transcribe(self, cuts, desc: str, max_new_tokens: int | None = None,
-                   tokens_per_second: float = 0.0, adapters: list[str] | None = None) -> dict[str, str]:
+                   tokens_per_second: float = 0.0, adapters: list[str | dict[str, float]] | None = None
+                   ) -> dict[str, str]:
         """Return ``{utterance id: best hypothesis}`` (the beam search ends by itself: no token limit).
-        ``adapters``: the loaded LoRA adapter of each cut (:class:`pqm.lora.RowAdapters`)."""
+        ``adapters``: the loaded LoRA adapter of each cut, or its weights over loaded adapters
+        (:class:`pqm.lora.RowAdapters`)."""
         hyps = {}
         from pqm.lora import per_row  # peft and bitsandbytes: loaded to decode, not to look a family up
 
@@ -154,6 +162,14 @@ class EspnetRecognizer:
                 nbest = self.s2t(torch.from_numpy(cut.load_audio()[0]))
                 hyps[cut.id] = nbest[0][0] if nbest else ""
         return hyps
+
+
+def encoder_mean(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each utterance's encoder output averaged over its frames, (utterances, dim); ``batch`` holds
+    ``speech`` and ``speech_lengths`` (any other keys are ignored)."""
+    encoded, lengths = model.encode(batch["speech"], batch["speech_lengths"])
+    mask = (torch.arange(encoded.shape[1], device=encoded.device)[None] < lengths[:, None]).unsqueeze(-1)
+    return (encoded * mask).sum(1) / mask.sum(1)
 
 
 def build_model(fp_dir: Path, device: str = "cpu", load_weights: bool = True) -> torch.nn.Module:

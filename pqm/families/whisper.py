@@ -234,12 +234,18 @@ class WhisperRecognizer:
         """Decode with input features in ``window`` (see :func:`features`)."""
         self.window = window
 
+    def inputs(self, cuts) -> dict[str, torch.Tensor]:
+        """The encoder's input of the cuts, one batch: ``input_features`` in the recognizer's window."""
+        return {"input_features": features(self.processor, list(cuts), self.window).to(self.device)}
+
     def transcribe(self, cuts: CutSet, desc: str, max_new_tokens: int | None = None,
-                   tokens_per_second: float = 0.0, adapters: list[str] | None = None) -> dict[str, str]:
+                   tokens_per_second: float = 0.0, adapters: list[str | dict[str, float]] | None = None
+                   ) -> dict[str, str]:
         """Return ``{utterance id: hypothesis}``; ``max_new_tokens`` lowers :data:`DECODING`'s limit, and so
         does ``tokens_per_second`` > 0, to that many tokens per second of the batch's longest clip (+ 8):
         a hypothesis that loops then stops there instead of at 128 tokens at each fallback temperature.
-        ``adapters``: the loaded LoRA adapter of each cut (:class:`pqm.lora.RowAdapters`), one batch for all."""
+        ``adapters``: the loaded LoRA adapter of each cut, or its weights over loaded adapters
+        (:class:`pqm.lora.RowAdapters`), one batch for all."""
         cuts = list(cuts)
         hyps = {}
         opts = {k: v for k, v in DECODING.items() if k != "seed"}
@@ -284,7 +290,7 @@ def rows_of(sub: torch.Tensor, full: torch.Tensor) -> list[int]:
 
 
 @contextlib.contextmanager
-def _following_sub_batches(model: torch.nn.Module, rows, feats: torch.Tensor, names: list[str]) -> Iterator[None]:
+def _following_sub_batches(model: torch.nn.Module, rows, feats: torch.Tensor, names: list) -> Iterator[None]:
     """While ``generate`` runs: before each encoder pass (the batch, then each temperature fallback's sub-batch)
     point ``rows`` at the adapters of the rows it encodes."""
     if rows is None:
@@ -300,6 +306,14 @@ def _following_sub_batches(model: torch.nn.Module, rows, feats: torch.Tensor, na
         yield
     finally:
         handle.remove()
+
+
+def encoder_mean(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each clip's encoder output averaged over the frames of its input, (clips, dim); ``batch`` holds
+    ``input_features`` (any other keys are ignored): in the trimmed window, the frames of the batch's longest clip."""
+    feats = batch["input_features"]
+    set_encoder_window(model, feats.shape[-1])
+    return _encoder(model)(input_features=feats).last_hidden_state.mean(1)
 
 
 def token_loss(loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
