@@ -146,11 +146,12 @@ stage6() {  # SAT; with --saml-experts K also saml: groups of training speakers,
 }
 
 adapted=(pqm nf4_sa); [ "${unsup}" = false ] || adapted+=(pqm_unsup)  # the per-speaker systems (pqm/systems.py)
+[ "${saml_experts}" -eq 0 ] || adapted+=(saml_sa)  # from saml's experts merged at the speaker's mean routing weights
 stage7() {  # one job per speaker trains every system's adapter; a failed one stops neither the others nor other speakers
-    speaker_jobs adapt python -m pqm.adapt_speakers "${opts_lora[@]}" --sat-dir "${expdir}/sat" --systems "${adapted[@]}" \
-        --holdout "${sa_holdout}" --pseudo-keep "${unsup_keep}" --cuts "$(cuts adapt)" --max-utts "${sa_utts}" \
-        --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" --ctc-weight "${ctc_weight}" \
-        --adapters "${expdir}/adapters" || die "adaptation failed for the speakers listed above; rerun stage 7 to redo only those"
+    speaker_jobs adapt python -m pqm.adapt_speakers "${opts_lora[@]}" --sat-dir "${expdir}/sat" --saml-dir "${saml}" \
+        --systems "${adapted[@]}" --holdout "${sa_holdout}" --pseudo-keep "${unsup_keep}" --cuts "$(cuts adapt)" \
+        --max-utts "${sa_utts}" --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" \
+        --ctc-weight "${ctc_weight}" --adapters "${expdir}/adapters" || die "adaptation failed for the speakers listed above; rerun stage 7 to redo only those"
 }
 
 shared=(); [ "${saml_experts}" -eq 0 ] || shared+=(saml)  # speaker-independent systems of stage 6's options

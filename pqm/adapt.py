@@ -15,7 +15,11 @@ Otherwise the job writes ``fallback.json`` and decoding uses the starting
 point (``nf4_sat`` for ``pqm``, ``nf4`` for ``nf4_sa``); ``pqm_adapter.json``
 or ``fallback.json`` records the errors of every epoch. The starting point is
 decoded as stage 8 decodes it (Whisper without an adapter: the 30 s window,
-whatever ``--window`` the new adapter trains in).
+whatever ``--window`` the new adapter trains in). With ``--targets pseudo`` no
+transcript is read there either: the held-out audio is decoded once by the
+starting adapter, and each epoch is judged by its training loss per token of
+those hypotheses (:func:`held_out_pseudo_loss`), kept only if no higher than
+the starting adapter's own.
 
 Targets (``--target-style``, Whisper): references restyled into the model's
 own writing (``pqm.restyle``), with the full-precision model's hypotheses of
@@ -62,9 +66,10 @@ from pqm.files import atomic_path, file_digest, ids_digest, read_json, write_jso
 from pqm.jobs import add_speaker_options, job_speakers
 from pqm.lora import (BASE_WINDOW, INITS, META, LoraSettings, adapter_window, add_lora, init_from_quantisation_error, linear_weights,
                       load_adapter, save_adapter, trainable_params)
+from pqm.mixture import Mixture, mixture_key, mixture_window
 from pqm.nf4 import count_params, to_nf4
 from pqm.recipes import split_digits
-from pqm.pseudo_labels import pseudo_labelled, with_text
+from pqm.pseudo_labels import pseudo_labelled, target_loss, with_text
 from pqm.restyle import STYLES, restyle
 from pqm.score import count_errors
 
@@ -115,19 +120,21 @@ def data_parallel(model: torch.nn.Module, device: str) -> DistributedDataParalle
 def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size: int = 1) -> dict:
     """Everything that determines an adapter: equal keys mean equal training runs."""
     nf4_meta = read_json(a.nf4_dir / "nf4.json", "stage 5 (NF4 quantisation)")
-    init = file_digest(require(a.init / "adapter_model.safetensors", "stage 6 (SAT)")) if a.init else None
+    init = (file_digest(require(a.init / "adapter_model.safetensors", "stage 6 (SAT)")) if a.init
+            else mixture_key(a.init_saml) if a.init_saml else None)
     utts = ids_digest(c.id for c in cuts)
     return {
         "base_fingerprint": nf4_meta["fingerprint"], "init_digest": init, "speaker": speaker, "utterances": utts,
         "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size, "seed": a.seed, "lora_r": a.lora_r,
         "lora_alpha": a.lora_alpha, "lora_dropout": a.lora_dropout, "lora_targets": a.lora_targets,
         "world_size": world_size, "window": a.window, "target_style": a.target_style, "holdout": a.holdout,
-        "lora_init": None if a.init else a.lora_init,
+        "lora_init": None if a.init or a.init_saml else a.lora_init,
         **({"targets": "pseudo", "pseudo_keep": a.pseudo_keep} if a.targets == "pseudo" else {}),
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
         **({"max_duration": a.max_duration} if a.max_duration > 0 else {}),
         # a new LoRA's epoch 0 is the bare model, decoded in its 30 s window (held_out_errors)
-        **({"held_out_epoch0_window": BASE_WINDOW} if a.holdout and not a.init and a.window != BASE_WINDOW else {}),
+        **({"held_out_epoch0_window": BASE_WINDOW} if a.holdout and not (a.init or a.init_saml) and a.window != BASE_WINDOW
+           else {}),
     }
 
 
@@ -137,32 +144,39 @@ def lora_state(model) -> dict[str, torch.Tensor]:
 
 
 class Selection:
-    """Do no harm: word errors on held-out utterances after every epoch (epoch 0: the starting point),
-    and the weights of the best epoch so far (ties go to the later epoch)."""
+    """Do no harm: a score of the held-out utterances after every epoch (epoch 0: the starting point), lower
+    is better, and the weights of the best epoch so far (ties go to the later epoch). ``evaluate(epoch)``
+    gives (score, what it counts): word errors and reference words (:func:`held_out_errors`), or the mean
+    loss per token of pseudo-labels and their utterances (:func:`held_out_pseudo_loss`)."""
 
-    def __init__(self, evaluate: Callable[[int], tuple[int, int]] | None = None) -> None:
-        self.evaluate = evaluate
-        self.errors: list[int] = []
-        self.words = 0
+    def __init__(self, evaluate: Callable[[int], tuple[float, int]] | None = None, measure: str = "errors",
+                 of: str = "words") -> None:
+        self.evaluate, self.measure, self.of = evaluate, measure, of
+        self.scores: list[float] = []
+        self.count = 0
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.seconds = 0.0  # spent decoding the held-out utterances
+        self.seconds = 0.0  # spent on the held-out utterances
 
     def after_epoch(self, model) -> None:
         if self.evaluate is None:
             return
         start = time.time()
-        errors, self.words = self.evaluate(len(self.errors))
+        score, self.count = self.evaluate(len(self.scores))
         self.seconds += time.time() - start
-        if self.errors and errors <= min(self.errors):
+        if self.scores and score <= min(self.scores):
             self.best_state = lora_state(model)
-        self.errors.append(errors)
-        logging.info(f"held-out errors after epoch {len(self.errors) - 1}: {errors} of {self.words} words")
+        self.scores.append(score)
+        logging.info(f"held-out {self.measure} after epoch {len(self.scores) - 1}: {score} ({self.count} {self.of})")
 
     @property
     def best_epoch(self) -> int:
-        """The epoch to keep: the last one with the fewest errors (0: the starting point)."""
-        best = min(self.errors)
-        return max(i for i, e in enumerate(self.errors) if e == best)
+        """The epoch to keep: the last one with the lowest score (0: the starting point)."""
+        best = min(self.scores)
+        return max(i for i, e in enumerate(self.scores) if e == best)
+
+    def report(self, utterances: int) -> dict:
+        """What ``pqm_adapter.json`` or ``fallback.json`` records of the held-out slice."""
+        return {"utterances": utterances, self.of: self.count, f"{self.measure}_per_epoch": self.scores}
 
 
 class StepTimer:
@@ -200,7 +214,7 @@ class Checkpoint:
             torch.save({"optim": optim.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state()},
                        tmp / "optim.pt")
             write_json(tmp / "state.json", {"key": self.key, "epoch": epoch, "losses": losses,
-                                            "errors": selection.errors, "words": selection.words})
+                                            "scores": selection.scores, "count": selection.count})
 
     def load(self, model, optim: torch.optim.Optimizer, schedule: LambdaLR, selection: Selection
              ) -> tuple[int, list[float]]:
@@ -218,7 +232,8 @@ class Checkpoint:
         if "schedule" in extra:  # (a constant rate's checkpoints from before schedules have none)
             schedule.load_state_dict(extra["schedule"])
         torch.set_rng_state(extra["rng"])
-        selection.errors, selection.words = state.get("errors", []), state.get("words", 0)
+        selection.scores = state.get("scores", state.get("errors", []))  # ("errors", "words": before 2026-12-01)
+        selection.count = state.get("count", state.get("words", 0))
         if (self.path / "best.safetensors").exists():
             selection.best_state = load_file(str(self.path / "best.safetensors"))
         logging.info(f"resuming from {self.path} after epoch {state['epoch']}")
@@ -355,14 +370,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     add_training_options(p)
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
-    p.add_argument("--init", type=Path, default=None, help="adapter to start from (the SAT adapter); default: new LoRA")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init", type=Path, default=None, help="adapter to start from (the SAT adapter); default: new LoRA")
+    start.add_argument("--init-saml", type=Path, default=None,
+                       help="saml's folder (stage 6): start from its experts merged at the mean of the router's weights "
+                            "over the speaker's training audio (saml_sa)")
     p.add_argument("--targets", default="transcripts", choices=("transcripts", "pseudo"),
                    help="pseudo: the starting adapter's own hypotheses of the audio, transcripts unread (pqm_unsup)")
     a = p.parse_args(argv)
     check_training_options(p, a)
-    if a.targets == "pseudo" and (a.init is None or a.holdout):
-        p.error("--targets pseudo needs --init (the adapter whose hypotheses are the targets) and --holdout 0 (the "
-                "held-out rule counts errors against transcripts)")
+    if a.targets == "pseudo" and a.init is None:
+        p.error("--targets pseudo needs --init (the adapter whose hypotheses are the targets)")
     setup_logging()
     a.lora_targets = a.lora_targets or family(a.fp_dir).DEFAULT_TARGETS
     ranks, a.device = init_distributed(a.device)
@@ -440,6 +458,20 @@ def held_out_errors(rec, cuts: CutSet, normalise: Callable[[str], str], windows:
     return evaluate
 
 
+def held_out_pseudo_loss(rec, cuts: CutSet, batches_of: Callable, per_token: Callable, device: str, window: str
+                         ) -> Callable[[int], tuple[float, int]]:
+    """``pqm_unsup``'s held-out judge, no transcript read: a function that scores the model after an epoch by its
+    mean training loss per token (the family's ``token_loss``) of ``cuts``, whose texts are the starting
+    adapter's hypotheses of the held-out audio (:func:`pqm.pseudo_labels.pseudo_labelled`), in ``window``."""
+    def evaluate(epoch: int) -> tuple[float, int]:
+        rec.set_window(window)
+        rec.model.eval()  # no dropout; the next epoch sets train mode again
+        losses = [target_loss(rec.model, cut, batches_of, per_token, device) for cut in cuts]
+        return round(sum(losses) / len(losses), 4), len(losses)
+
+    return evaluate
+
+
 def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     """Train (or skip, or mark as fallback) the adapter that ``a`` describes, on ``speaker``'s cuts (None: all)."""
     torch.manual_seed(a.seed)
@@ -483,8 +515,16 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     train_cuts = cuts.filter(lambda c: c.id not in held_ids).to_eager()
     fp_weights = linear_weights(model) if a.init is None and a.lora_init == "svd" else None
     base_fingerprint = to_nf4(model, a.nf4_dir, device=a.device)
+    mixing = None
     if a.init is not None:
         model = load_adapter(model, a.init, base_fingerprint, trainable=True)
+    elif a.init_saml is not None:  # routing reads the training audio only, as the mixture decodes it
+        mixture = Mixture(model, a.init_saml, base_fingerprint)
+        rec.set_window(mixture.window)
+        mixing = mixture.merged(rec, models, list(train_cuts))
+        rec.set_window(a.window)
+        model = mixture.model
+        logging.info("started from saml's experts merged at " + ", ".join(f"{n} {w:.3f}" for n, w in mixing.items()))
     else:
         model = add_lora(model, LoraSettings(a.lora_targets, a.lora_r, a.lora_alpha, a.lora_dropout))
     if fp_weights is not None:
@@ -494,7 +534,10 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     timer.done("quantise, add LoRA")
     batches_of = models.batch_iterator(a.fp_dir, a.window)
     if a.targets == "pseudo":
-        train_cuts, pseudo = pseudo_labelled(rec, cuts, batches_of, models.token_loss, a.pseudo_keep, a.device)
+        train_cuts, pseudo = pseudo_labelled(rec, train_cuts, batches_of, models.token_loss, a.pseudo_keep, a.device)
+        if held_out:  # every usable hypothesis of the held-out audio is a reference there
+            held_out, held_pseudo = pseudo_labelled(rec, held_out, batches_of, models.token_loss, 1.0, a.device)
+            pseudo.update({cut_id: {**r, "kept": False, "held_out": True} for cut_id, r in held_pseudo.items()})
         timer.done("pseudo-labels")
         if len(train_cuts) == 0 and ranks.main:
             reason = f"no hypothesis of the {len(cuts)} adaptation utterances can be a target (empty or unencodable)"
@@ -507,35 +550,41 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     logging.info(f"training {n_lora} LoRA parameters ({100 * n_lora / base_params:.2f}% of {base_params}) on "
                  f"{len(train_cuts)} utterances" + (f", {a.holdout} held out" if a.holdout else ""))
     selection = Selection(None)
-    if held_out:
+    if held_out and a.targets == "pseudo":
+        selection = Selection(held_out_pseudo_loss(rec, held_out, batches_of, models.token_loss, a.device, a.window),
+                              measure="pseudo_label_loss", of="hypotheses")
+    elif held_out:
         normaliser = models.text_normaliser(a.fp_dir, split_digits(a.cuts.parent))
-        selection = Selection(held_out_errors(rec, held_out, normaliser, (adapter_window(a.init), a.window)))
+        start = mixture_window(a.init_saml) if a.init_saml else adapter_window(a.init)
+        selection = Selection(held_out_errors(rec, held_out, normaliser, (start, a.window)))
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
     losses = train_adapter(model, train_cuts, batches_of, a.epochs, a.lr, a.batch_size,
                            a.seed, a.device, checkpoint, ranks, selection, a.lr_schedule, a.warmup_ratio,
                            a.max_duration)
     timer.done("train")
-    if held_out:  # the held-out decoding happened between the epochs: reported apart
+    if selection.scores:  # the held-out judging happened between the epochs: reported apart
         timer.seconds["train"] = round(timer.seconds["train"] - selection.seconds, 1)
-        timer.seconds["decode the held-out utterances"] = round(selection.seconds, 1)
+        judging = "decode the held-out utterances" if selection.measure == "errors" else "score the held-out pseudo-labels"
+        timer.seconds[judging] = round(selection.seconds, 1)
     if not ranks.main:
         return
     meta = {
         "base_fingerprint": base_fingerprint, "base_model": str(a.nf4_dir), "speaker": speaker,
-        "init": str(a.init) if a.init else a.lora_init, "utterances": len(train_cuts), "epochs": a.epochs, "lr": a.lr,
-        "lr_schedule": a.lr_schedule,
+        "init": str(a.init) if a.init else f"saml {a.init_saml}" if a.init_saml else a.lora_init,
+        "utterances": len(train_cuts), "epochs": a.epochs, "lr": a.lr, "lr_schedule": a.lr_schedule,
         "loss_per_epoch": losses, "lora_params": n_lora, "base_params": base_params, "window": a.window,
         "target_style": a.target_style, "world_size": ranks.world_size, "run_key": key,
     }
     if a.targets == "pseudo":
         meta.update(targets="pseudo", pseudo_labels=pseudo)
-    if selection.errors:
+    if mixing:
+        meta.update(mixture_weights={n: round(w, 4) for n, w in mixing.items()})
+    if selection.scores:
         best = selection.best_epoch
-        meta.update(held_out={"utterances": a.holdout, "words": selection.words, "errors_per_epoch": selection.errors},
-                    kept_epoch=best)
+        meta.update(held_out=selection.report(a.holdout), kept_epoch=best)
         if best == 0:  # adaptation did not help on held-out speech: keep the starting point
-            reason = (f"held-out errors {selection.errors} (epoch 0 = the starting adapter): no epoch made fewer "
-                      f"errors than the start")
+            reason = (f"held-out {selection.measure} {selection.scores} (epoch 0 = the starting adapter): no epoch "
+                      f"did better than the start")
             logging.warning(f"speaker {speaker}: {reason}; keeping the starting point (see {out}/fallback.json)")
             shutil.rmtree(out, ignore_errors=True)
             write_json(out / "fallback.json", {"speaker": speaker, "reason": reason, **meta, **timer.report()})
@@ -543,7 +592,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
             return
         if best < a.epochs:
             set_peft_model_state_dict(model, selection.best_state)
-            logging.info(f"keeping the adapter of epoch {best} (fewest held-out errors)")
+            logging.info(f"keeping the adapter of epoch {best} (the lowest held-out {selection.measure})")
     meta.update(timer.report())
     (out / "fallback.json").unlink(missing_ok=True)
     save_adapter(model, out, meta)

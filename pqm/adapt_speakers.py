@@ -2,12 +2,12 @@
 
 For each system of ``--systems`` (``pqm.systems.ADAPTED``: ``pqm`` from the
 SAT adapter, ``nf4_sa`` as a new LoRA on the bare NF4 model, ``pqm_unsup``
-from SAT on ``nf4_sat``'s own hypotheses) this trains the adapter
+from SAT on ``nf4_sat``'s own hypotheses, ``saml_sa`` from saml's experts merged
+at the speaker's mean routing weights) this trains the adapter
 ``<adapters>/<system>/<speaker>`` with :func:`pqm.adapt.train_job`, exactly as
 a job of its own would (the model is read again and the seed reset for each
 system), so the job pays Python's start-up and imports once, not once per
-speaker and system. ``pqm_unsup`` never holds utterances out: the held-out rule
-counts errors against transcripts.
+speaker and system.
 
 A system that fails stops neither the others nor the job's other speakers: the
 job logs its error, trains the rest, then exits with code 1 naming them.
@@ -33,8 +33,8 @@ def system_options(a: argparse.Namespace, system: str) -> argparse.Namespace:
     """The options of :func:`pqm.adapt.train_job` for ``system``'s adapter of this job's speaker."""
     how = ADAPTED[system]
     return argparse.Namespace(**{
-        **vars(a), "out": a.adapters / system, "init": a.sat_dir if how.from_sat else None, "targets": how.targets,
-        "holdout": 0 if how.targets == "pseudo" else a.holdout,
+        **vars(a), "out": a.adapters / system, "init": a.sat_dir if how.start == "sat" else None,
+        "init_saml": a.saml_dir if how.start == "saml" else None, "targets": how.targets,
     })
 
 
@@ -42,10 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     add_training_options(p)
     p.add_argument("--sat-dir", type=Path, required=True, help="the SAT adapter (stage 6)")
+    p.add_argument("--saml-dir", type=Path, help="saml's experts and router (stage 6 with --saml-experts): saml_sa's start")
     p.add_argument("--adapters", type=Path, required=True, help="writes <adapters>/<system>/<speaker>")
     p.add_argument("--systems", nargs="+", default=["pqm", "nf4_sa"], choices=list(ADAPTED))
     a = p.parse_args(argv)
     check_training_options(p, a)
+    if "saml_sa" in a.systems and a.saml_dir is None:
+        p.error("--systems saml_sa needs --saml-dir")
     if a.speaker_list is None or a.job is None:
         p.error("--speaker-list FILE --job N is needed: the speakers on line N (stage 7's job array)")
     setup_logging()

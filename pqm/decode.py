@@ -6,8 +6,9 @@ once; a per-speaker adapter is loaded for its speaker and unloaded after):
 ``fp`` (full precision), ``nf4`` (quantised), ``nf4_sat`` (+ SAT LoRA),
 ``nf4_sa`` (+ per-speaker LoRA trained from scratch), ``pqm`` (+ per-speaker
 LoRA started from SAT) and, when asked for, ``pqm_unsup`` (the same, trained on
-``nf4_sat``'s own hypotheses instead of transcripts) and ``saml`` (no per-speaker data: each utterance through
-its router's mixture of the training speakers' LoRA experts, :mod:`pqm.saml`). Decoding is ESPnet's beam search (``Speech2Text``) for
+``nf4_sat``'s own hypotheses instead of transcripts), ``saml`` (no per-speaker data: each utterance through
+its router's mixture of the training speakers' LoRA experts, :mod:`pqm.saml`) and ``saml_sa`` (+ per-speaker
+LoRA started from saml's experts merged). Decoding is ESPnet's beam search (``Speech2Text``) for
 a Conformer and ``generate`` for Whisper (each family's ``recognizer``, :mod:`pqm.families`).
 Hypotheses go to ``<out>/<system>/<speaker>/text`` (Kaldi ``text`` format),
 and ``<out>/<system>/<speaker>/info.json`` records any fallback and the
@@ -34,7 +35,7 @@ from pqm.files import file_digest, ids_digest, read_json, write_json, write_text
 from pqm.jobs import add_speaker_options, job_speakers
 from pqm.lora import adapter_window, load_adapter
 from pqm.nf4 import to_nf4
-from pqm.saml import MADE_BY, ROUTER, ROUTER_META, Mixture
+from pqm.mixture import Mixture, mixture_key
 from pqm.systems import ADAPTED, DEFAULT_SYSTEMS, SYSTEMS
 
 
@@ -60,7 +61,7 @@ def _adapter_digest(adapter: Path) -> str | None:
 
 def run_keys(a: argparse.Namespace, tag: str, cuts: CutSet, systems: list[str]) -> dict[str, dict]:
     """Everything that determines each system's hypotheses of one speaker job: the models it uses (a
-    per-speaker system may fall back to SAT), the utterances and the decoding settings. A system is
+    per-speaker system's adapter, or its fallback), the utterances and the decoding settings. A system is
     decoded again only if its own key changed (``local/data_amounts.sh`` keeps ``fp``, ``nf4`` and
     ``nf4_sat`` while the per-speaker adapters change)."""
     common = {
@@ -72,12 +73,10 @@ def run_keys(a: argparse.Namespace, tag: str, cuts: CutSet, systems: list[str]) 
     nf4 = {"nf4": read_json(a.nf4_dir / "nf4.json", "stage 5")["fingerprint"]}
     sat = {**nf4, "sat": _adapter_digest(a.sat_dir)}
     keys = {"fp": common, "nf4": {**common, **nf4}, "nf4_sat": {**common, **sat}}
-    for system in ADAPTED:
-        keys[system] = {**common, **sat, system: _adapter_digest(a.adapter_dir / system / tag)}
-    if "saml" in systems:
-        router = require(a.saml_dir / ROUTER, MADE_BY)
-        keys["saml"] = {**common, **nf4, "saml": {"router": file_digest(router),
-                                                  "experts": read_json(a.saml_dir / ROUTER_META)["run_key"]["experts"]}}
+    if "saml" in systems or "saml_sa" in systems:
+        keys["saml"] = {**common, **nf4, "saml": mixture_key(a.saml_dir)}
+    for system in (s for s in systems if s in ADAPTED):
+        keys[system] = {**keys[ADAPTED[system].fallback], system: _adapter_digest(a.adapter_dir / system / tag)}
     return {system: keys[system] for system in systems}
 
 
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nf4-dir", type=Path, required=True)
     p.add_argument("--sat-dir", type=Path, required=True, help="SAT adapter (stage 6)")
     p.add_argument("--adapter-dir", type=Path, required=True,
-                   help="per-speaker adapters: <dir>/{pqm,nf4_sa,pqm_unsup}/<speaker> (stage 7)")
+                   help="per-speaker adapters: <dir>/{pqm,nf4_sa,pqm_unsup,saml_sa}/<speaker> (stage 7)")
     p.add_argument("--saml-dir", type=Path, help="saml's experts and router (stage 6 with --saml-experts)")
     p.add_argument("--cuts", type=Path, required=True, help="evaluation cuts")
     p.add_argument("--out", type=Path, required=True)
@@ -131,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="Whisper: at most this many tokens per second of audio (+ 8) per hypothesis (0: 128 tokens)")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
-    if "saml" in a.systems and a.saml_dir is None:
-        p.error("--systems saml needs --saml-dir")
+    if {"saml", "saml_sa"} & set(a.systems) and a.saml_dir is None:
+        p.error("--systems saml and saml_sa need --saml-dir")
     setup_logging()
     speakers = job_speakers(a)
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)"))
@@ -157,11 +156,12 @@ def main(argv: list[str] | None = None) -> None:
             info: dict = {"system": system, "speaker": None if part.tag == "all" else part.tag,
                           "run_key": part.keys[system]}
             if system in ADAPTED:
-                use = adapted(peft_model, system, a.adapter_dir / system / part.tag, a.sat_dir, base_fingerprint, info)
+                use = adapted(peft_model, system, a.adapter_dir / system / part.tag, a.sat_dir, base_fingerprint, info,
+                              mixture)
             elif system == "nf4_sat":
                 use = active(peft_model, "sat", a.sat_dir)
             elif system == "saml":
-                use = contextlib.nullcontext(adapter_window(a.saml_dir / "experts" / mixture.names[0]))
+                use = mixed(mixture)
             else:
                 use = contextlib.nullcontext(adapter_window(None))  # the base model decodes as it was trained
             with use as window:
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.time()
                 rec.set_window(window)
                 info["window"] = window
-                rows = mixture.route(rec, models, part.cuts) if system == "saml" else None
+                routed = system == "saml" or info.get("fallback") == "saml"
+                rows = mixture.route(rec, models, part.cuts) if routed else None
                 hyps = rec.transcribe(part.cuts, desc=f"{system}/{part.tag}", tokens_per_second=a.max_tokens_per_second,
                                       adapters=rows)
                 if rows:
@@ -194,8 +195,15 @@ def active(peft_model, name: str, adapter: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def adapted(peft_model, system: str, adapter: Path, sat_dir: Path, base_fingerprint: str, info: dict
-            ) -> Iterator[str | None]:
+def mixed(mixture: Mixture) -> Iterator[str]:
+    """Decode with every expert of ``mixture`` active (the rows' routing weights weigh them); yields their window."""
+    mixture.activate()
+    yield mixture.window
+
+
+@contextlib.contextmanager
+def adapted(peft_model, system: str, adapter: Path, sat_dir: Path, base_fingerprint: str, info: dict,
+            mixture: Mixture | None) -> Iterator[str | None]:
     """Decode with a speaker's adapter of a per-speaker ``system``, loaded for this speaker only; its
     fallback where stage 7 made none on purpose (said in ``info``); yields the input window, or None (and
     ``info["missing"]``) where stage 7 failed or did not run for the speaker."""
@@ -207,6 +215,9 @@ def adapted(peft_model, system: str, adapter: Path, sat_dir: Path, base_fingerpr
         info["fallback"] = fallback
         if fallback == "nf4_sat":
             with active(peft_model, "sat", sat_dir) as window:
+                yield window
+        elif fallback == "saml":  # the caller routes the utterances
+            with mixed(mixture) as window:
                 yield window
         else:
             with peft_model.disable_adapter():

@@ -126,6 +126,20 @@ def load_adapter(
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name, is_trainable=trainable)
 
 
+def merge_adapters(model: PeftModel, weights: dict[str, float], name: str = "default") -> None:
+    """Replace the loaded adapters ``weights`` names by one trainable adapter ``name`` whose update is their
+    weighted sum, exactly: peft's ``add_weighted_adapter`` with ``combination_type="cat"`` (rank: the sum of
+    theirs, ``lora_alpha`` equal to it) makes ``B @ A`` the sum of ``weight * scaling * B_k @ A_k``."""
+    names = list(weights)
+    model.add_weighted_adapter(names, [float(weights[n]) for n in names], name, combination_type="cat")
+    model.base_model.set_adapter(name)
+    for n in names:
+        model.delete_adapter(n)
+    model.train(model.training)  # its new dropout layers in the model's mode
+    for param_name, param in model.named_parameters():
+        param.requires_grad_(f".{name}." in param_name and "lora_" in param_name)
+
+
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 Row = str | dict[str, float]  # a row's loaded adapter, or its weights over loaded adapters (a mixture)
 
@@ -148,23 +162,39 @@ class RowAdapters:
     """
 
     def __init__(self, model: nn.Module, names: list[Row]) -> None:
-        self.names = list(names)
+        self.names = names
         self._layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         self._scaling = {id(m): dict(m.scaling) for m in self._layers}
         self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self._layers]
         if not self._handles:
             raise BadInput("per-utterance adapters need a model with LoRA layers (load an adapter first)")
 
+    @property
+    def names(self) -> list[Row]:
+        return self._names
+
+    @names.setter
+    def names(self, names: list[Row]) -> None:
+        """The rows' adapters; a mixture's weights are stacked here, once, for every layer's hook."""
+        self._names = list(names)
+        mixtures = [row for row in self._names if not isinstance(row, str)]
+        if mixtures and len(mixtures) != len(self._names):
+            raise ValueError("the rows of one batch are either adapter names or mixtures, not both")
+        adapters = {adapter for row in mixtures for adapter in row}
+        self._weights = {adapter: torch.stack([torch.as_tensor(row.get(adapter, 0.0)) for row in mixtures])
+                         for adapter in adapters} if mixtures else None
+
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         rows = args[0].shape[0]
         if not self.names or rows % len(self.names):
             raise RuntimeError(f"a batch of {rows} rows for {len(self.names)} utterances' adapters")
         repeat = rows // len(self.names)
-        if all(isinstance(name, str) for name in self.names):
+        if self._weights is None:
             return args, {**kwargs, "adapter_names": [name for name in self.names for _ in range(repeat)]}
         shape = (rows,) + (1,) * (args[0].dim() - 1)
         for adapter, scaling in self._scaling[id(module)].items():
-            weights = torch.stack([torch.as_tensor(row.get(adapter, 0.0)) for row in self.names])  # keeps a router's graph
+            weights = self._weights.get(adapter)  # keeps a router's graph
+            weights = torch.zeros(len(self.names)) if weights is None else weights
             weights = weights.to(dtype=args[0].dtype, device=args[0].device)
             module.scaling[adapter] = scaling * weights.repeat_interleave(repeat).view(shape)
         return args, kwargs

@@ -13,32 +13,29 @@ Made in stage 6 after SAT when ``--saml-experts K`` > 0 (SAML, arXiv 2406.19706,
    weight (:class:`pqm.lora.RowAdapters`). Writes
    ``<saml>/router.safetensors`` and ``<saml>/router.json`` (experts, base fingerprint, losses, size).
 
-Stage 8's ``saml`` system (:class:`Mixture`) routes each evaluation utterance and decodes it through its
-mixture; the test speaker's adaptation data is never read.
+Stage 8's ``saml`` system (:class:`pqm.mixture.Mixture`) routes each evaluation utterance and decodes it through its
+mixture; the test speaker's adaptation data is never read. Stage 7's ``saml_sa`` starts each speaker's adapter from
+the experts merged at the mean of the router's weights over the speaker's adaptation audio.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from lhotse import CutSet
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pqm.adapt import StepTimer, fp_hypotheses_cache, freeze_batchnorm, styled_targets
 from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import family
 from pqm.files import atomic_path, file_digest, ids_digest, read_json, write_json
-from pqm.lora import META, RowAdapters, load_adapter
+from pqm.lora import META, RowAdapters
+from pqm.mixture import GROUPS, MADE_BY, ROUTER, ROUTER_META, Mixture, base_net, encoder_means
 from pqm.nf4 import to_nf4
-
-GROUPS, ROUTER, ROUTER_META = "groups.json", "router.safetensors", "router.json"
-MADE_BY = "stage 6 with --saml-experts > 0 (python -m pqm.saml)"
 
 
 def expert_names(k: int) -> list[str]:
@@ -67,22 +64,6 @@ def nf4_recognizer(a: argparse.Namespace):
     rec = family(a.fp_dir).recognizer(a.fp_dir, a.device, 1, 0.5)
     rec.set_window(a.window)
     return rec, to_nf4(rec.model, a.nf4_dir, device=a.device)
-
-
-def base_net(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under peft's wrapper (itself where there is none)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@torch.no_grad()
-def encoder_means(rec, models: ModuleType, cuts: list, desc: str, peft_model=None) -> torch.Tensor:
-    """Each cut's mean encoder output (the family ``models``' ``encoder_mean``) of the recognizer's model
-    without adapters (``peft_model``: the peft wrapper of the model, whose adapters are then disabled),
-    one cut at a time, (cuts, dim)."""
-    net = base_net(rec.model)
-    with peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext():
-        return torch.cat([models.encoder_mean(net, rec.inputs([cut]))
-                          for cut in tqdm(cuts, desc=desc, unit="utt", mininterval=5)])
 
 
 def groups(a: argparse.Namespace) -> None:
@@ -116,45 +97,6 @@ def groups(a: argparse.Namespace) -> None:
     write_json(done, {"experts": members, "how": how, "cuts": str(a.cuts), "run_key": key})
     for name, group in members.items():
         logging.info(f"{name}: {len(group)} speakers ({', '.join(group[:5])}{', ...' if len(group) > 5 else ''})")
-
-
-class Mixture:
-    """The experts loaded as adapters of one peft model, all active, and the router that weighs them."""
-
-    def __init__(self, model, saml_dir: Path, base_fingerprint: str, trainable_router: bool = False) -> None:
-        members = read_json(saml_dir / GROUPS, MADE_BY)["experts"]
-        self.names = list(members)
-        for name in self.names:
-            model = load_adapter(model, saml_dir / "experts" / name, base_fingerprint, name=name)
-        model.base_model.set_adapter(self.names)  # every expert active; RowAdapters weighs them per row
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model = model
-        self.router: torch.nn.Linear | None = None
-        if not trainable_router:
-            state = load_file(require(saml_dir / ROUTER, MADE_BY))
-            self.router = torch.nn.Linear(state["weight"].shape[1], len(self.names))
-            self.router.load_state_dict(state)
-            if read_json(saml_dir / ROUTER_META)["experts"] != self.names:
-                raise BadInput(f"{saml_dir / ROUTER} was trained for other experts: rerun stage 6")
-
-    def rows(self, weights: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Per-row mixtures for :class:`pqm.lora.RowAdapters` from a (rows, experts) weight matrix."""
-        return [dict(zip(self.names, row)) for row in weights]
-
-    def weights(self, means: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.router(means), -1)
-
-    @torch.no_grad()
-    def route(self, rec, models: ModuleType, cuts: list) -> list[dict[str, float]]:
-        """Each cut's weights over the experts, from its own mean NF4 encoder output (family ``models``)."""
-        weights = self.weights(encoder_means(rec, models, cuts, "route", self.model))
-        return [{name: float(w) for name, w in zip(self.names, row)} for row in weights]
-
-    def size(self, saml_dir: Path) -> int:
-        """Bytes on disk of the experts and the router."""
-        files = [saml_dir / "experts" / n / "adapter_model.safetensors" for n in self.names] + [saml_dir / ROUTER]
-        return sum(f.stat().st_size for f in files)
 
 
 def router_key(a: argparse.Namespace, names: list[str], cuts: CutSet) -> dict:
@@ -211,11 +153,12 @@ def router(a: argparse.Namespace) -> None:
     timer.done("train the router")
     with atomic_path(a.saml_dir / ROUTER) as tmp:
         save_file({k: v.detach().contiguous() for k, v in mixture.router.state_dict().items()}, str(tmp))
+    size = Mixture.size(a.saml_dir)
     write_json(a.saml_dir / ROUTER_META, {
         "experts": names, "base_fingerprint": fingerprint, "input_dim": dim, "loss_per_epoch": losses,
-        "router_params": sum(p.numel() for p in mixture.router.parameters()), "bytes": mixture.size(a.saml_dir),
+        "router_params": sum(p.numel() for p in mixture.router.parameters()), "bytes": size,
         "run_key": key, **timer.report()})
-    logging.info(f"wrote {a.saml_dir / ROUTER}: {len(names)} experts, {mixture.size(a.saml_dir):,} bytes with them")
+    logging.info(f"wrote {a.saml_dir / ROUTER}: {len(names)} experts, {size:,} bytes with them")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -145,10 +145,12 @@ def markdown(results: dict) -> str:
         *([f"- `saml`: {saml['experts']} LoRA experts and a router of {saml['router_params']:,} parameters, "
            f"{size['saml']:,} bytes on disk ({100 * size['saml'] / size['nf4']:.2f}% of the NF4 file)"]
           if (saml := results.get("saml")) else []),
+        *([f"- one speaker's `saml_sa` adapter file (the experts merged: their ranks added up): {size['saml_sa_adapter']:,} "
+           f"bytes ({100 * size['saml_sa_adapter'] / size['nf4']:.2f}% of the NF4 file)"] if "saml_sa_adapter" in size else []),
         *([f"- adaptation speech per test speaker: {adaptation['utterances_per_speaker'] or 'all'} utterance"
            f"{'' if adaptation['utterances_per_speaker'] == 1 else 's'}, "
            f"{adaptation['minutes_per_speaker']:.2f} minutes on average"
-           + (f", the last {held} of them held out to judge `pqm` and `nf4_sa`"
+           + (f", the last {held} of them held out to judge the per-speaker systems"
               if (held := adaptation.get("held_out_per_speaker")) else "")] if (adaptation := results.get("adaptation")) else []),
         *([f"- the fp model was made (trained, or converted from --pretrained) on: {machine['cpu']}, "
            f"{machine['cores']} cores, torch {machine['torch']}"] if (machine := results.get("fp_made_on")) else []),
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     size = read_json(a.expdir / "nf4" / "size.json", "stage 5 (NF4 quantisation)")
     adapters = [f for f in [*(a.expdir / "adapters" / "pqm").glob("*/adapter_model.safetensors"),
                             a.expdir / "sat" / "adapter_model.safetensors"] if f.exists()]
+    merged = list((a.expdir / "adapters" / "saml_sa").glob("*/adapter_model.safetensors"))
     lora = [
         read_json(f)["lora_params"] for f in sorted((a.expdir / "adapters" / "pqm").glob("*/pqm_adapter.json"))
     ] or [read_json(a.expdir / "sat" / "pqm_adapter.json", "stage 6 (SAT)")["lora_params"]]
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         **({"test_sets": test_sets} if test_sets else {}),
         "size_bytes": {**size["size_bytes"], **nf4_by_kind(size.get("breakdown_bytes")),
                        **({"adapter": max(f.stat().st_size for f in adapters)} if adapters else {}),
-                       **({"saml": saml_bytes} if saml else {})},
+                       **({"saml": saml_bytes} if saml else {}),
+                       **({"saml_sa_adapter": max(f.stat().st_size for f in merged)} if merged else {})},
         "params": {"base": size["params"], "lora_per_speaker": max(lora)},
         **({"saml": saml} if saml else {}),
         **({"adaptation": adaptation_speech(CutSet.from_file(a.adapt_cuts), a.adapt_utts, a.adapt_holdout)}

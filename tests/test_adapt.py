@@ -132,8 +132,9 @@ def test_distributed_sat_on_two_gloo_processes(setup, tmp_path):
 
 @pytest.mark.e2e
 def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path, capsys):
-    """pqm_unsup: the targets are the starting adapter's own hypotheses, the most confident half kept; with
-    every transcript replaced the adapter is the same, bit for bit."""
+    """pqm_unsup: the targets are the starting adapter's own hypotheses, the most confident half kept, and the
+    held-out judge scores each epoch on its hypotheses of the 2 held-out utterances; with every transcript
+    replaced the outcome (adapter, or fallback with its held-out scores) is the same, bit for bit."""
     from lhotse import CutSet
 
     from pqm.pseudo_labels import with_text
@@ -143,17 +144,28 @@ def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path, capsys):
     scrambled = tmp_path / "scrambled.jsonl.gz"
     CutSet.from_cuts(with_text(c, "nine nine nine") for c in CutSet.from_file(
         tmp / "manifests" / "fsdd_cuts_adapt.jsonl.gz")).to_file(scrambled)
-    pseudo = ("--init", str(tmp_path / "init"), "--targets", "pseudo", "--pseudo-keep", "0.5")
+    pseudo = ("--init", str(tmp_path / "init"), "--targets", "pseudo", "--pseudo-keep", "0.5", "--holdout", "2")
     for out, extra in (("a", ()), ("b", ("--cuts", str(scrambled)))):
-        adapt(setup, tmp_path / out, 1, *pseudo, *extra)
-    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    meta = json.loads((tmp_path / "a" / "pqm_adapter.json").read_text())
+        adapt(setup, tmp_path / out, 2, *pseudo, *extra)
+    done = [f for f in ("pqm_adapter.json", "fallback.json") if (tmp_path / "a" / f).exists()]
+    assert len(done) == 1 and (tmp_path / "b" / done[0]).exists()
+    meta, other = (json.loads((tmp_path / run / done[0]).read_text()) for run in ("a", "b"))
+    assert meta["held_out"] == other["held_out"] and meta["pseudo_labels"] == other["pseudo_labels"]
+    if done == ["pqm_adapter.json"]:
+        a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     report = meta["pseudo_labels"]
+    held = {u for u, r in report.items() if r.get("held_out")}
     kept = [r for r in report.values() if r["kept"]]
-    assert meta["targets"] == "pseudo" and meta["utterances"] == len(kept) == round(len(report) / 2)
-    assert max(r["loss"] for r in kept) <= min(r["loss"] for r in report.values() if not r["kept"] and r["loss"])
+    assert len(report) == 12 and len(held) == 2 and not any(report[u]["kept"] for u in held)
+    assert meta["targets"] == "pseudo" and meta["utterances"] == len(kept) == 5  # half of the other 10
+    trained = [r for u, r in report.items() if u not in held]
+    assert max(r["loss"] for r in kept) <= min(r["loss"] for r in trained if not r["kept"] and r["loss"])
+    scores = meta["held_out"]["pseudo_label_loss_per_epoch"]
+    assert meta["held_out"]["hypotheses"] == 2 and len(scores) == 3 and all(s > 0 for s in scores)
+    assert meta["kept_epoch"] == max(i for i, s in enumerate(scores) if s == min(scores))
+    assert (done == ["fallback.json"]) == (meta["kept_epoch"] == 0)
     with pytest.raises(SystemExit):
         adapt(setup, tmp_path / "c", 1, "--targets", "pseudo")
     assert "--targets pseudo needs --init" in capsys.readouterr().err

@@ -117,17 +117,23 @@ def test_svd_init_starts_where_full_precision_was(tiny_fp_dir, nf4_dir):
     assert torch.linalg.norm(with_lora - fp_out) < torch.linalg.norm(without - fp_out)
 
 
+def _two_adapters(fp_dir, nf4_dir, tmp_path):
+    """Two different trained adapters, ``a`` and ``b`` (folders in ``tmp_path``), loaded on one NF4 model."""
+    for seed, name in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        _trained_adapter(fp_dir, nf4_dir, tmp_path / name)
+    model, fp = _nf4_model(fp_dir, nf4_dir)
+    for name in ("a", "b"):
+        model = load_adapter(model, tmp_path / name, fp, name=name)
+    return model, fp
+
+
 def test_row_mixtures_weigh_loaded_adapters_per_row(tiny_fp_dir, nf4_dir, tmp_path):
     """saml's mixtures (pqm.lora.RowAdapters): a row weighted wholly on one adapter is that adapter alone, a
     half-and-half row is neither, a router's weights get gradients, and the layers' scaling is left as it was."""
     from pqm.lora import RowAdapters
 
-    for seed, name in enumerate(("a", "b")):
-        torch.manual_seed(seed)
-        _trained_adapter(tiny_fp_dir, nf4_dir, tmp_path / name)
-    model, fp = _nf4_model(tiny_fp_dir, nf4_dir)
-    for name in ("a", "b"):
-        model = load_adapter(model, tmp_path / name, fp, name=name)
+    model, fp = _two_adapters(tiny_fp_dir, nf4_dir, tmp_path)
     net = model.base_model.model
     speech, lengths = torch.randn(1, 8000).repeat(3, 1) * 0.1, torch.tensor([8000] * 3)
     alone = {}
@@ -146,6 +152,37 @@ def test_row_mixtures_weigh_loaded_adapters_per_row(tiny_fp_dir, nf4_dir, tmp_pa
     mixed[2].sum().backward()
     assert logits.grad[2].abs().sum() > 0
     assert {id(m): dict(m.scaling) for m in model.modules() if id(m) in scaling} == scaling
+
+
+def test_merged_adapters_are_the_mixture_exactly_and_train(tiny_fp_dir, nf4_dir, tmp_path):
+    """saml_sa's start (pqm.lora.merge_adapters): one adapter whose output is the weighted mixture's, of the
+    experts' ranks added up, the only trainable parameters, saved and reloaded as a plain peft adapter."""
+    from pqm.lora import RowAdapters, merge_adapters
+
+    model, fp = _two_adapters(tiny_fp_dir, nf4_dir, tmp_path)
+    net = model.base_model.model
+    speech, lengths = torch.randn(1, 8000) * 0.1, torch.tensor([8000])
+    weights = {"a": 0.7, "b": 0.3}
+    model.base_model.set_adapter(["a", "b"])
+    with torch.no_grad(), RowAdapters(model, [weights]):
+        mixed = net.encode(speech, lengths)[0]
+    per_expert = sum(p.numel() for n, p in model.named_parameters() if ".a." in n and "lora_" in n)
+    merge_adapters(model, weights)
+    assert set(model.peft_config) == {"default"} and model.peft_config["default"].r == 16
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n and "lora_" in n for n in trainable)
+    assert trainable_params(model) == 2 * per_expert
+    with torch.no_grad():
+        merged = net.encode(speech, lengths)[0]
+        with model.disable_adapter():
+            bare = net.encode(speech, lengths)[0]
+    assert torch.allclose(merged, mixed, atol=1e-5) and not torch.allclose(merged, bare, atol=1e-3)
+    save_adapter(model, tmp_path / "merged", {"base_fingerprint": fp, "lora_params": trainable_params(model)})
+    assert json.loads((tmp_path / "merged" / "adapter_config.json").read_text())["r"] == 16
+    again, _ = _nf4_model(tiny_fp_dir, nf4_dir)
+    again = load_adapter(again, tmp_path / "merged", fp)
+    with torch.no_grad():
+        assert torch.allclose(again.base_model.model.encode(speech, lengths)[0], merged, atol=1e-5)
 
 
 def test_kmeans_finds_separated_groups():

@@ -63,7 +63,7 @@ def test_results_schema_and_consistency(recipe):
     results = json.loads((exp / "results.json").read_text())
     assert results["corpus"] == "fsdd" and results["model"] == "conformer"
     assert results["test_speakers"] == ["george", "nicolas"]
-    assert set(results["systems"]) == {"fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "saml"}
+    assert set(results["systems"]) == {"fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "saml", "saml_sa"}
     eval_cuts = CutSet.from_file(recipe["data"] / "manifests" / "fsdd_cuts_eval.jsonl.gz")
     n_words = sum(len(c.supervisions[0].text.split()) for c in eval_cuts)
     refs = {c.id: c.supervisions[0].text for c in eval_cuts}
@@ -82,6 +82,8 @@ def test_results_schema_and_consistency(recipe):
     size = results["size_bytes"]  # the NF4 file by kind adds up to it; the adapter is one speaker's file
     assert sum(size["nf4_by_kind"].values()) == size["nf4"] == (exp / "nf4" / "model.safetensors").stat().st_size
     assert size["adapter"] == (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").stat().st_size
+    merged = (exp / "adapters" / "saml_sa" / "nicolas" / "adapter_model.safetensors").stat().st_size
+    assert size["saml_sa_adapter"] == merged and 1.8 * size["adapter"] < merged < 2.2 * size["adapter"]  # 2 experts
     assert 0 < results["params"]["lora_per_speaker"] < results["params"]["base"]
     experts = [exp / "saml" / "experts" / e / "adapter_model.safetensors" for e in ("expert01", "expert02")]
     assert size["saml"] == sum(f.stat().st_size for f in [*experts, exp / "saml" / "router.safetensors"])
@@ -116,6 +118,26 @@ def test_saml_mixes_an_expert_of_each_training_speaker(recipe):
         assert abs(sum(info["mean_weights"].values()) - 1) < 1e-3 and "fallback" not in info
 
 
+def test_saml_sa_starts_from_the_merged_experts(recipe):
+    """Stage 7's saml_sa: nicolas's adapter starts from both experts merged (rank 2 x 8) at his mean routing
+    weights and trains on his speech; george (no adaptation data) falls back to saml, decoded as saml."""
+    exp = recipe["exp"]
+    adapter = exp / "adapters" / "saml_sa" / "nicolas"
+    meta = json.loads((adapter / "pqm_adapter.json").read_text())
+    assert meta["init"] == f"saml {exp / 'saml'}" and set(meta["mixture_weights"]) == {"expert01", "expert02"}
+    assert abs(sum(meta["mixture_weights"].values()) - 1) < 1e-3 and len(meta["loss_per_epoch"]) == 3
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 16
+    pqm = json.loads((exp / "adapters" / "pqm" / "nicolas" / "pqm_adapter.json").read_text())
+    assert meta["lora_params"] == 2 * pqm["lora_params"] and meta["utterances"] == pqm["utterances"]
+    assert (exp / "adapters" / "saml_sa" / "george" / "fallback.json").exists()
+    info = json.loads((exp / "decode" / "saml_sa" / "george" / "info.json").read_text())
+    assert info["fallback"] == "saml" and abs(sum(info["mean_weights"].values()) - 1) < 1e-3
+    assert (exp / "decode" / "saml_sa" / "george" / "text").read_text() == (exp / "decode" / "saml" / "george" / "text").read_text()
+    results = json.loads((exp / "results.json").read_text())
+    assert results["systems"]["saml_sa"]["per_speaker"]["george"]["fallback"] == "saml"
+
+
 def test_speaker_without_adaptation_data_falls_back(recipe):
     exp = recipe["exp"]
     assert (exp / "adapters" / "pqm" / "george" / "fallback.json").exists()
@@ -145,11 +167,11 @@ def test_slurm_backend_gives_the_local_results(recipe, slurm_cluster, tmp_path):
     opts = [*recipe["opts"], "--expdir", str(sexp), "--stage", "7", "--stop-stage", "9"]
     config = write_cluster_config(tmp_path / "slurm.yaml")
     proc = run_sh(*opts, "--cmd-backend", "slurm", "--cluster-config", str(config))
-    assert proc.stdout.count("as Slurm job array") == 2  # adapt (pqm and nf4_sa per speaker), decode
+    assert proc.stdout.count("as Slurm job array") == 2  # adapt (pqm, nf4_sa and saml_sa per speaker), decode
     decoded = (sexp / "log" / "decode.1.log").read_text()
     assert "pqm/george: decoded" in decoded and "nf4_sat/george: decoded" not in decoded
     for speaker in ("george", "nicolas"):
-        for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
+        for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "saml_sa"):
             local = (exp / "decode" / system / speaker / "text").read_text()
             assert (sexp / "decode" / system / speaker / "text").read_text() == local, (system, speaker)
     wer = lambda e: {s: {k: v["wer"] for k, v in r["per_speaker"].items()}  # noqa: E731
@@ -185,7 +207,7 @@ def test_a_kaldi_run_pl_runs_the_job_arrays(recipe, tmp_path):
     assert log.startswith("# python -m pqm.decode") and not (kexp / "log" / "decode.2.log").exists()
     assert log.count("quantised") == 1 and "pqm/george: decoded" in log and "pqm/nicolas: decoded" in log
     for speaker in ("george", "nicolas"):
-        for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "saml"):
+        for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "saml", "saml_sa"):
             local = (exp / "decode" / system / speaker / "text").read_text()
             assert (kexp / "decode" / system / speaker / "text").read_text() == local, (system, speaker)
 

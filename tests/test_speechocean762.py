@@ -214,7 +214,7 @@ def test_selection_keeps_the_best_epoch_and_ties_go_later():
     selection = Selection(lambda epoch: next(errors))
     for _ in range(4):
         selection.after_epoch(model)
-    assert selection.errors == [5, 7, 5, 6] and selection.best_epoch == 2
+    assert selection.scores == [5, 7, 5, 6] and selection.best_epoch == 2
     assert selection.best_state is not None and any("lora_A" in k for k in selection.best_state)
     worse = iter([(5, 20), (7, 20), (9, 20)])
     selection = Selection(lambda epoch: next(worse))
