@@ -186,7 +186,7 @@ def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, whisper_dir, 
     exp = tmp_path / "whisper"
     run_sh(*data, "--expdir", str(exp), "--model", "whisper", "--pretrained", str(whisper_dir), "--sat-utts", "4",
            "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true",
-           "--whisper-max-tokens-per-second", "8", "--unsup", "true", "--unsup-keep", "0.5",
+           "--whisper-max-tokens-per-second", "8", "--unsup", "true", "--unsup-keep", "0.5", "--sa-holdout", "1",
            "--whisper-window", "padded")  # trimmed, the default: test_librispeech.py
     results = json.loads((exp / "results.json").read_text())
     assert results["corpus"] == "custom" and results["test_speakers"] == ["george"]
@@ -197,6 +197,8 @@ def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, whisper_dir, 
     meta = json.loads(((unsup / "pqm_adapter.json") if (unsup / "pqm_adapter.json").exists()
                        else (unsup / "fallback.json")).read_text())
     assert len(meta["pseudo_labels"]) == 4 and "| pqm_unsup |" in (exp / "RESULTS.md").read_text()
+    held = meta["held_out"]  # judged on SAT's hypothesis of its held-out utterance, no transcript read
+    assert held["hypotheses"] == 1 and len(held["pseudo_label_loss_per_epoch"]) == 2
     assert "resampling to 16000 Hz" in (exp / "log" / "stage6.log").read_text()
 
 
