@@ -48,6 +48,7 @@ sa_lr_schedule=constant # per-speaker lr: constant, or linear (warm-up over 10% 
 unsup=false             # also pqm_unsup: per-speaker LoRA from SAT on nf4_sat's own hypotheses (transcripts unread)
 unsup_keep=0.3          # pqm_unsup: the fraction of those hypotheses kept as targets, the most confident
 sa_holdout=0            # do no harm: hold out N adaptation utterances per speaker, keep the best epoch if no worse there (0: off)
+unsup_holdout=0         # pqm_unsup's own: hold out N, judged by the loss of SAT's hypotheses of them (0: off; README)
 whisper_window=trimmed  # whisper LoRA training (and the adapted systems' decoding): trimmed or padded (30 s) input
 target_style=corpus     # whisper LoRA targets: corpus (as is), sentence or model (restyled: pqm/restyle.py)
 whisper_max_tokens_per_second=0  # whisper decoding: at most this many tokens per second of audio + 8 (0: 128 tokens)
@@ -149,7 +150,8 @@ adapted=(pqm nf4_sa); [ "${unsup}" = false ] || adapted+=(pqm_unsup)  # the per-
 [ "${saml_experts}" -eq 0 ] || adapted+=(saml_sa)  # from saml's experts merged at the speaker's mean routing weights
 stage7() {  # one job per speaker trains every system's adapter; a failed one stops neither the others nor other speakers
     speaker_jobs adapt python -m pqm.adapt_speakers "${opts_lora[@]}" --sat-dir "${expdir}/sat" --saml-dir "${saml}" \
-        --systems "${adapted[@]}" --holdout "${sa_holdout}" --pseudo-keep "${unsup_keep}" --cuts "$(cuts adapt)" \
+        --systems "${adapted[@]}" --holdout "${sa_holdout}" --unsup-holdout "${unsup_holdout}" \
+        --pseudo-keep "${unsup_keep}" --cuts "$(cuts adapt)" \
         --max-utts "${sa_utts}" --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" \
         --ctc-weight "${ctc_weight}" --adapters "${expdir}/adapters" || die "adaptation failed for the speakers listed above; rerun stage 7 to redo only those"
 }

@@ -35,6 +35,7 @@ def system_options(a: argparse.Namespace, system: str) -> argparse.Namespace:
     return argparse.Namespace(**{
         **vars(a), "out": a.adapters / system, "init": a.sat_dir if how.start == "sat" else None,
         "init_saml": a.saml_dir if how.start == "saml" else None, "targets": how.targets,
+        "holdout": a.unsup_holdout if how.targets == "pseudo" else a.holdout,
     })
 
 
@@ -44,9 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sat-dir", type=Path, required=True, help="the SAT adapter (stage 6)")
     p.add_argument("--saml-dir", type=Path, help="saml's experts and router (stage 6 with --saml-experts): saml_sa's start")
     p.add_argument("--adapters", type=Path, required=True, help="writes <adapters>/<system>/<speaker>")
+    p.add_argument("--unsup-holdout", type=int, default=0,
+                   help="pqm_unsup's --holdout (its own: judged on SAT's hypotheses of them, not on transcripts)")
     p.add_argument("--systems", nargs="+", default=["pqm", "nf4_sa"], choices=list(ADAPTED))
     a = p.parse_args(argv)
     check_training_options(p, a)
+    if a.unsup_holdout < 0:
+        p.error(f"--unsup-holdout {a.unsup_holdout}: a number >= 0 is needed")
     if "saml_sa" in a.systems and a.saml_dir is None:
         p.error("--systems saml_sa needs --saml-dir")
     if a.speaker_list is None or a.job is None:

@@ -150,7 +150,7 @@ def markdown(results: dict) -> str:
         *([f"- adaptation speech per test speaker: {adaptation['utterances_per_speaker'] or 'all'} utterance"
            f"{'' if adaptation['utterances_per_speaker'] == 1 else 's'}, "
            f"{adaptation['minutes_per_speaker']:.2f} minutes on average"
-           + (f", the last {held} of them held out to judge the per-speaker systems"
+           + (f", the last {held} of them held out to judge the transcribed adapters"
               if (held := adaptation.get("held_out_per_speaker")) else "")] if (adaptation := results.get("adaptation")) else []),
         *([f"- the fp model was made (trained, or converted from --pretrained) on: {machine['cpu']}, "
            f"{machine['cores']} cores, torch {machine['torch']}"] if (machine := results.get("fp_made_on")) else []),
