@@ -162,9 +162,10 @@ class RowAdapters:
     """
 
     def __init__(self, model: nn.Module, names: list[Row]) -> None:
-        self.names = names
         self._layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         self._scaling = {id(m): dict(m.scaling) for m in self._layers}
+        self._adapters = {adapter for scaling in self._scaling.values() for adapter in scaling}
+        self.names = names
         self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self._layers]
         if not self._handles:
             raise BadInput("per-utterance adapters need a model with LoRA layers (load an adapter first)")
@@ -175,14 +176,14 @@ class RowAdapters:
 
     @names.setter
     def names(self, names: list[Row]) -> None:
-        """The rows' adapters; a mixture's weights are stacked here, once, for every layer's hook."""
+        """The rows' adapters; a mixture's weights are stacked here, once, for every layer's hook (weight 0
+        for a loaded adapter outside the mixture)."""
         self._names = list(names)
         mixtures = [row for row in self._names if not isinstance(row, str)]
         if mixtures and len(mixtures) != len(self._names):
             raise ValueError("the rows of one batch are either adapter names or mixtures, not both")
-        adapters = {adapter for row in mixtures for adapter in row}
         self._weights = {adapter: torch.stack([torch.as_tensor(row.get(adapter, 0.0)) for row in mixtures])
-                         for adapter in adapters} if mixtures else None
+                         for adapter in self._adapters} if mixtures else None
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         rows = args[0].shape[0]
@@ -193,9 +194,7 @@ class RowAdapters:
             return args, {**kwargs, "adapter_names": [name for name in self.names for _ in range(repeat)]}
         shape = (rows,) + (1,) * (args[0].dim() - 1)
         for adapter, scaling in self._scaling[id(module)].items():
-            weights = self._weights.get(adapter)  # keeps a router's graph
-            weights = torch.zeros(len(self.names)) if weights is None else weights
-            weights = weights.to(dtype=args[0].dtype, device=args[0].device)
+            weights = self._weights[adapter].to(dtype=args[0].dtype, device=args[0].device)  # keeps a router's graph
             module.scaling[adapter] = scaling * weights.repeat_interleave(repeat).view(shape)
         return args, kwargs
 
