@@ -47,8 +47,9 @@ sa_lr=0.001
 sa_lr_schedule=constant # per-speaker lr: constant, or linear (warm-up over 10% of the steps, then linear decay to 0)
 unsup=false             # also pqm_unsup: per-speaker LoRA from SAT on nf4_sat's own hypotheses (transcripts unread)
 unsup_keep=0.3          # pqm_unsup: the fraction of those hypotheses kept as targets, the most confident
+unsup_labeller=nf4_sat  # pqm_unsup: whose hypotheses: nf4_sat's (the adapter's start) or saml's (needs --saml-experts)
 sa_holdout=0            # do no harm: hold out N adaptation utterances per speaker, keep the best epoch if no worse there (0: off)
-unsup_holdout=0         # pqm_unsup's own: hold out N, judged by the loss of SAT's hypotheses of them (0: off; README)
+unsup_holdout=0         # pqm_unsup's own: hold out N, judged by the loss of the labeller's hypotheses of them (0: off; README)
 whisper_window=trimmed  # whisper LoRA training (and the adapted systems' decoding): trimmed or padded (30 s) input
 target_style=corpus     # whisper LoRA targets: corpus (as is), sentence or model (restyled: pqm/restyle.py)
 whisper_max_tokens_per_second=0  # whisper decoding: at most this many tokens per second of audio + 8 (0: 128 tokens)
@@ -72,6 +73,8 @@ options() {  # every option of the list above (and "$@") as a "--name value" lin
 
 # Every option is checked before anything is written (pqm/stages.py: RULES).
 python -m pqm.stages --options "$(options)" validate || exit 1
+[ "${unsup_labeller}" = nf4_sat ] || [ "${saml_experts}" -gt 0 ] \
+    || die "--unsup-labeller ${unsup_labeller}: saml decodes only with --saml-experts K > 0 (stage 6 makes it)"
 [ "${cmd_backend}" = local ] || python -m pqm.slurm --check "${cluster_config}" || die "--cmd-backend slurm: fix the above first"
 expdir=${expdir:-exp/${corpus}_${model}}
 corpus_info=$(python -m pqm.recipes check --corpus "${corpus}" --datadir "${datadir}" --corpus-opts "${corpus_opts}") \
@@ -151,7 +154,7 @@ adapted=(pqm nf4_sa); [ "${unsup}" = false ] || adapted+=(pqm_unsup)  # the per-
 stage7() {  # one job per speaker trains every system's adapter; a failed one stops neither the others nor other speakers
     speaker_jobs adapt python -m pqm.adapt_speakers "${opts_lora[@]}" --sat-dir "${expdir}/sat" --saml-dir "${saml}" \
         --systems "${adapted[@]}" --holdout "${sa_holdout}" --unsup-holdout "${unsup_holdout}" \
-        --pseudo-keep "${unsup_keep}" --cuts "$(cuts adapt)" \
+        --unsup-labeller "${unsup_labeller}" --pseudo-keep "${unsup_keep}" --cuts "$(cuts adapt)" \
         --max-utts "${sa_utts}" --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" \
         --ctc-weight "${ctc_weight}" --adapters "${expdir}/adapters" || die "adaptation failed for the speakers listed above; rerun stage 7 to redo only those"
 }

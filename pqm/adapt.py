@@ -25,7 +25,9 @@ Targets (``--target-style``, Whisper): references restyled into the model's
 own writing (``pqm.restyle``), with the full-precision model's hypotheses of
 the training utterances (greedy, 30 s window) where the style needs them.
 ``--targets pseudo`` (``pqm_unsup``) never reads the transcripts: the targets
-are the starting model's own most confident hypotheses (``pqm.pseudo_labels``).
+are the starting model's own most confident hypotheses (``pqm.pseudo_labels``),
+or with ``--pseudo-saml`` those of ``saml`` (:func:`saml_labeller`); the
+held-out judge's references then come from ``saml`` too.
 
 Training state is checkpointed after every epoch (``.<out>.checkpoint``), so a
 killed job resumes where it stopped; an adapter already trained with the same
@@ -130,6 +132,7 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         "world_size": world_size, "window": a.window, "target_style": a.target_style, "holdout": a.holdout,
         "lora_init": None if a.init or a.init_saml else a.lora_init,
         **({"targets": "pseudo", "pseudo_keep": a.pseudo_keep} if a.targets == "pseudo" else {}),
+        **({"pseudo_labeller": mixture_key(a.pseudo_saml)} if a.targets == "pseudo" and a.pseudo_saml else {}),
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
         **({"max_duration": a.max_duration} if a.max_duration > 0 else {}),
         # a new LoRA's epoch 0 is the bare model, decoded in its 30 s window (held_out_errors)
@@ -377,10 +380,14 @@ def main(argv: list[str] | None = None) -> None:
                             "over the speaker's training audio (saml_sa)")
     p.add_argument("--targets", default="transcripts", choices=("transcripts", "pseudo"),
                    help="pseudo: the starting adapter's own hypotheses of the audio, transcripts unread (pqm_unsup)")
+    p.add_argument("--pseudo-saml", type=Path, default=None,
+                   help="--targets pseudo: saml's folder (stage 6): its hypotheses are the targets, not the start's")
     a = p.parse_args(argv)
     check_training_options(p, a)
     if a.targets == "pseudo" and a.init is None:
-        p.error("--targets pseudo needs --init (the adapter whose hypotheses are the targets)")
+        p.error("--targets pseudo needs --init (the adapter the speaker's LoRA starts from)")
+    if a.pseudo_saml is not None and a.targets != "pseudo":
+        p.error("--pseudo-saml labels the audio for --targets pseudo only")
     setup_logging()
     a.lora_targets = a.lora_targets or family(a.fp_dir).DEFAULT_TARGETS
     ranks, a.device = init_distributed(a.device)
@@ -472,6 +479,16 @@ def held_out_pseudo_loss(rec, cuts: CutSet, batches_of: Callable, per_token: Cal
     return evaluate
 
 
+def saml_labeller(a: argparse.Namespace, models, cuts: CutSet) -> tuple[object, dict[str, dict[str, float]], Callable]:
+    """``saml`` as ``pqm_unsup``'s labeller (``--pseudo-saml``): a second NF4 model with saml's experts loaded,
+    each cut's routing weights over them (as stage 8 decodes ``saml``), and batches in the experts' window."""
+    rec = models.recognizer(a.fp_dir, a.device, beam_size=1, ctc_weight=a.ctc_weight)
+    mixture = Mixture(rec.model, a.pseudo_saml, to_nf4(rec.model, a.nf4_dir, device=a.device))
+    rec.set_window(mixture.window)
+    routes = dict(zip((cut.id for cut in cuts), mixture.route(rec, models, list(cuts))))
+    return rec, routes, models.batch_iterator(a.fp_dir, mixture.window)
+
+
 def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     """Train (or skip, or mark as fallback) the adapter that ``a`` describes, on ``speaker``'s cuts (None: all)."""
     torch.manual_seed(a.seed)
@@ -534,10 +551,14 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     timer.done("quantise, add LoRA")
     batches_of = models.batch_iterator(a.fp_dir, a.window)
     if a.targets == "pseudo":
-        train_cuts, pseudo = pseudo_labelled(rec, train_cuts, batches_of, models.token_loss, a.pseudo_keep, a.device)
+        labeller, routes, label_batches = saml_labeller(a, models, cuts) if a.pseudo_saml else (rec, None, batches_of)
+        train_cuts, pseudo = pseudo_labelled(labeller, train_cuts, label_batches, models.token_loss, a.pseudo_keep,
+                                             a.device, routes)
         if held_out:  # every usable hypothesis of the held-out audio is a reference there
-            held_out, held_pseudo = pseudo_labelled(rec, held_out, batches_of, models.token_loss, 1.0, a.device)
+            held_out, held_pseudo = pseudo_labelled(labeller, held_out, label_batches, models.token_loss, 1.0,
+                                                    a.device, routes)
             pseudo.update({cut_id: {**r, "kept": False, "held_out": True} for cut_id, r in held_pseudo.items()})
+        del labeller
         timer.done("pseudo-labels")
         if len(train_cuts) == 0 and ranks.main:
             reason = f"no hypothesis of the {len(cuts)} adaptation utterances can be a target (empty or unencodable)"
@@ -576,7 +597,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
         "target_style": a.target_style, "world_size": ranks.world_size, "run_key": key,
     }
     if a.targets == "pseudo":
-        meta.update(targets="pseudo", pseudo_labels=pseudo)
+        meta.update(targets="pseudo", pseudo_labeller=f"saml {a.pseudo_saml}" if a.pseudo_saml else "start",
+                    pseudo_labels=pseudo)
     if mixing:
         meta.update(mixture_weights={n: round(w, 4) for n, w in mixing.items()})
     if selection.scores:

@@ -2,7 +2,7 @@
 
 For each system of ``--systems`` (``pqm.systems.ADAPTED``: ``pqm`` from the
 SAT adapter, ``nf4_sa`` as a new LoRA on the bare NF4 model, ``pqm_unsup``
-from SAT on ``nf4_sat``'s own hypotheses, ``saml_sa`` from saml's experts merged
+from SAT on ``nf4_sat``'s own hypotheses (or ``saml``'s: ``--unsup-labeller``), ``saml_sa`` from saml's experts merged
 at the speaker's mean routing weights) this trains the adapter
 ``<adapters>/<system>/<speaker>`` with :func:`pqm.adapt.train_job`, exactly as
 a job of its own would (the model is read again and the seed reset for each
@@ -36,6 +36,7 @@ def system_options(a: argparse.Namespace, system: str) -> argparse.Namespace:
         **vars(a), "out": a.adapters / system, "init": a.sat_dir if how.start == "sat" else None,
         "init_saml": a.saml_dir if how.start == "saml" else None, "targets": how.targets,
         "holdout": a.unsup_holdout if how.targets == "pseudo" else a.holdout,
+        "pseudo_saml": a.saml_dir if how.targets == "pseudo" and a.unsup_labeller == "saml" else None,
     })
 
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapters", type=Path, required=True, help="writes <adapters>/<system>/<speaker>")
     p.add_argument("--unsup-holdout", type=int, default=0,
                    help="pqm_unsup's --holdout (its own: judged on SAT's hypotheses of them, not on transcripts)")
+    p.add_argument("--unsup-labeller", default="nf4_sat", choices=("nf4_sat", "saml"),
+                   help="pqm_unsup's pseudo-labels: decoded by nf4_sat (its start) or by saml (needs --saml-dir)")
     p.add_argument("--systems", nargs="+", default=["pqm", "nf4_sa"], choices=list(ADAPTED))
     a = p.parse_args(argv)
     check_training_options(p, a)
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--unsup-holdout {a.unsup_holdout}: a number >= 0 is needed")
     if "saml_sa" in a.systems and a.saml_dir is None:
         p.error("--systems saml_sa needs --saml-dir")
+    if a.unsup_labeller == "saml" and a.saml_dir is None:
+        p.error("--unsup-labeller saml needs --saml-dir")
     if a.speaker_list is None or a.job is None:
         p.error("--speaker-list FILE --job N is needed: the speakers on line N (stage 7's job array)")
     setup_logging()

@@ -36,13 +36,14 @@ STAGE_INPUTS = {
     4: "max_epoch", 5: "nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings nf4_unquantised_dtype",
     6: "lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc sat_init "
        "sat_max_duration saml_experts saml_epochs saml_router_epochs",
-    7: "sa_epochs sa_utts sa_lr sa_lr_schedule sa_holdout ctc_weight unsup unsup_keep unsup_holdout",
+    7: "sa_epochs sa_utts sa_lr sa_lr_schedule sa_holdout ctc_weight unsup unsup_keep unsup_holdout unsup_labeller",
     8: "beam_size whisper_max_tokens_per_second", 9: "",
 }
 # Options added after markers were first written, with the value that does what pqm did before them: a marker
 # that does not record one counts as done with that value.
 ADDED_LATER = {"nf4_unquantised_dtype": "float32", "sat_max_duration": "0", "sa_utts": "0", "saml_experts": "0",
-               "saml_epochs": "2", "saml_router_epochs": "1", "unsup_holdout": "0"}
+               "saml_epochs": "2", "saml_router_epochs": "1", "unsup_holdout": "0",
+               "unsup_labeller": "nf4_sat"}
 # The values run.sh's options may take (the whole value matches), and what to give instead.
 RULES = {
     "stage stop_stage": ("[1-9]", "stages are 1..9"),
@@ -55,6 +56,7 @@ RULES = {
     "whisper_window": ("padded|trimmed", "use padded or trimmed"),
     "target_style": ("corpus|sentence|model", "use corpus, sentence or model"),
     "sat_init": ("zero|svd", "use zero or svd"),
+    "unsup_labeller": ("nf4_sat|saml", "use nf4_sat or saml"),
     "sa_lr_schedule": ("constant|linear", "use constant or linear"),
     "cmd_backend": ("local|slurm", "use local or slurm"),
 }

@@ -220,6 +220,24 @@ def test_whisper_mixed_speaker_batch_follows_beams_and_fallback(fsdd_dir, whispe
     model.rec.transcribe(cuts[:2], desc="mixture", adapters=rows)
     assert seen[0] == rows and seen[-1] == rows
 
+    # pqm_unsup labelled by saml (pqm.pseudo_labels with routes): each cut's hypothesis, and its loss as a
+    # target, through its own row's mixture; a row wholly on one adapter gives that adapter's alone
+    from lhotse import CutSet, SupervisionSegment
+    from lhotse.utils import fastcopy
+
+    from pqm.pseudo_labels import pseudo_labelled
+
+    monkeypatch.setitem(whisper.DECODING, "temperature", [0.0])
+    two = CutSet.from_cuts(fastcopy(c, supervisions=[SupervisionSegment(c.id, c.recording_id, 0, c.duration, text="")])
+                           for c in cuts[:2])
+    label = dict(batches_of=whisper.batch_iterator(tmp_path / "fp", "padded"), per_token=whisper.token_loss, keep=1.0)
+    _, mixed = pseudo_labelled(model.rec, two, **label, routes=dict(zip(two.ids, rows)))
+    for cut, name in zip(two, names):
+        model.peft.base_model.set_adapter(name)
+        _, one = pseudo_labelled(model.rec, CutSet.from_cuts([cut]), **label)
+        assert mixed[cut.id]["hypothesis"] == one[cut.id]["hypothesis"] == alone[cut.id].strip()
+        assert mixed[cut.id]["loss"] == pytest.approx(one[cut.id]["loss"], rel=1e-4) and one[cut.id]["loss"] > 0
+
 
 def test_http_requests_that_arrive_together_share_a_batch(fsdd_dir, tiny_exp):
     """Concurrent requests of different speakers are decoded in one mixed batch, each answered as if alone;
