@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -136,6 +137,30 @@ def test_saml_sa_starts_from_the_merged_experts(recipe):
     assert (exp / "decode" / "saml_sa" / "george" / "text").read_text() == (exp / "decode" / "saml" / "george" / "text").read_text()
     results = json.loads((exp / "results.json").read_text())
     assert results["systems"]["saml_sa"]["per_speaker"]["george"]["fallback"] == "saml"
+
+
+def test_pqm_unsup_can_learn_saml_hypotheses(recipe, tmp_path):
+    """Stage 7's pqm_unsup with --unsup-labeller saml: nicolas's adapter starts from SAT and learns the most
+    confident half of saml's hypotheses of his 20 adaptation utterances; the run key names saml's mixture (a
+    new router or expert retrains it); george, with no adaptation data, falls back."""
+    from pqm.mixture import mixture_key
+
+    exp, adapters = recipe["exp"], tmp_path / "adapters"
+    (tmp_path / "speakers.txt").write_text("george nicolas\n")  # one job for both
+    proc = subprocess.run(
+        [sys.executable, "-m", "pqm.adapt_speakers", "--fp-dir", str(exp / "fp"),
+         "--nf4-dir", str(exp / "nf4"), "--sat-dir", str(exp / "sat"), "--saml-dir", str(exp / "saml"),
+         "--systems", "pqm_unsup", "--unsup-labeller", "saml", "--pseudo-keep", "0.5", "--epochs", "1",
+         "--cuts", str(recipe["data"] / "manifests" / "fsdd_cuts_adapt.jsonl.gz"), "--adapters", str(adapters),
+         "--speaker-list", str(tmp_path / "speakers.txt"), "--job", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((adapters / "pqm_unsup" / "nicolas" / "pqm_adapter.json").read_text())
+    assert meta["init"] == str(exp / "sat") and meta["pseudo_labeller"] == f"saml {exp / 'saml'}"
+    assert meta["run_key"]["pseudo_labeller"] == mixture_key(exp / "saml")
+    assert len(meta["pseudo_labels"]) == 20 and meta["utterances"] == 10
+    assert sum(r["kept"] for r in meta["pseudo_labels"].values()) == 10
+    assert (adapters / "pqm_unsup" / "george" / "fallback.json").exists()
 
 
 def test_speaker_without_adaptation_data_falls_back(recipe):
@@ -434,7 +459,10 @@ def test_bad_options_and_missing_inputs(tmp_path):
                                    ("--beam-size", "0", "a positive integer is needed"),
                                    ("--sa-holdout", "x", "a number >= 0 is needed"),
                                    ("--nf4-embeddings", "maybe", "use true or false"),
-                                   ("--nf4-double-quant", "yes", "use true or false")):
+                                   ("--nf4-double-quant", "yes", "use true or false"),
+                                   ("--unsup-labeller", "fp", "use nf4_sat or saml")):
         proc = run_sh(option, value, "--expdir", str(tmp_path / "refused"), check=False)
         assert proc.returncode != 0 and f"{option} {value}: {message}" in proc.stderr, option
+    proc = run_sh("--unsup-labeller", "saml", "--expdir", str(tmp_path / "refused"), check=False)
+    assert proc.returncode != 0 and "saml decodes only with --saml-experts K > 0" in proc.stderr
     assert not (tmp_path / "refused").exists()  # refused before anything was written
