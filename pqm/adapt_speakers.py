@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--saml-dir", type=Path, help="saml's experts and router (stage 6 with --saml-experts): saml_sa's start")
     p.add_argument("--adapters", type=Path, required=True, help="writes <adapters>/<system>/<speaker>")
     p.add_argument("--unsup-holdout", type=int, default=0,
-                   help="pqm_unsup's --holdout (its own: judged on SAT's hypotheses of them, not on transcripts)")
+                   help="pqm_unsup's --holdout (its own: judged on the labeller's hypotheses of them, not on transcripts)")
     p.add_argument("--unsup-labeller", default="nf4_sat", choices=("nf4_sat", "saml"),
                    help="pqm_unsup's pseudo-labels: decoded by nf4_sat (its start) or by saml (needs --saml-dir)")
     p.add_argument("--systems", nargs="+", default=["pqm", "nf4_sa"], choices=list(ADAPTED))
