@@ -15,7 +15,6 @@ kept. The transcripts of the cuts are never read.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from typing import Callable
@@ -25,7 +24,7 @@ from lhotse import CutSet
 from lhotse.utils import fastcopy
 
 from pqm.errors import BadInput
-from pqm.lora import RowAdapters, Row
+from pqm.lora import Row, per_row
 
 
 def with_text(cut, text: str):
@@ -58,8 +57,10 @@ def pseudo_labelled(rec, cuts: CutSet, batches_of: Callable, per_token: Callable
     hyps = {cut_id: " ".join(w for w in text.split() if w != "<unk>")
             for cut_id, text in rec.transcribe(cuts, desc="pseudo-labels", adapters=adapters).items()}
     scored = {}
-    for cut in cuts:
-        with RowAdapters(rec.model, [routes[cut.id]]) if routes is not None else contextlib.nullcontext():
+    with per_row(rec.model, adapters) as rows:
+        for cut in cuts:
+            if rows is not None:
+                rows.names = [routes[cut.id]]
             scored[cut.id] = target_loss(rec.model, with_text(cut, hyps[cut.id]), batches_of, per_token, device)
     ranked = sorted((loss, cut_id) for cut_id, loss in scored.items() if math.isfinite(loss))
     kept = {cut_id for _, cut_id in ranked[: max(1, round(keep * len(cuts)))]} if ranked else set()

@@ -44,10 +44,11 @@ SLURM_GROUP = ("test_recipe.py", "test_slurm.py")
 # group's other tests run meanwhile (test_slurm.py: time_limited_array).
 START_OF_SLURM_GROUP = "test_time_limited_array_is_submitted"
 # The groups start in this order (tests/run.sh passes --no-loadscope-reorder): the longest first (the Slurm
-# group takes about half the run), then a short one to pair with it (each worker starts with two groups),
-# then the other long ones, the longest first; the rest in file order. Durations: CI of 2026-11-30.
-FIRST = ("test_recipe.py", "test_tedlium3.py", "test_stages.py", "test_custom.py", "test_whisper.py",
-         "test_librispeech.py", "test_adapt.py", "test_speechocean762.py", "test_transcribe.py")
+# group, about 1,000 s of a 1,160 s run), then a short one to pair with it (each worker starts with two groups),
+# then the other long ones, the longest first, so that the first worker to finish takes the short ones left;
+# the rest in file order. Durations: CI of 2026-12-01.
+FIRST = ("test_recipe.py", "test_recipes.py", "test_custom.py", "test_whisper.py", "test_tedlium3.py",
+         "test_librispeech.py", "test_speechocean762.py", "test_adapt.py", "test_stages.py", "test_transcribe.py")
 
 
 @pytest.hookimpl(tryfirst=True)
