@@ -133,6 +133,7 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         "lora_init": None if a.init or a.init_saml else a.lora_init,
         **({"targets": "pseudo", "pseudo_keep": a.pseudo_keep} if a.targets == "pseudo" else {}),
         **({"pseudo_labeller": mixture_key(a.pseudo_saml)} if a.targets == "pseudo" and a.pseudo_saml else {}),
+        **({"pseudo_rounds": a.pseudo_rounds} if a.targets == "pseudo" and a.pseudo_rounds > 1 else {}),
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
         **({"max_duration": a.max_duration} if a.max_duration > 0 else {}),
         # a new LoRA's epoch 0 is the bare model, decoded in its 30 s window (held_out_errors)
@@ -350,6 +351,9 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
                    help="Whisper targets: the references as they are, or restyled (pqm.restyle)")
     p.add_argument("--pseudo-keep", type=float, default=0.3,
                    help="--targets pseudo: the fraction of hypotheses kept, the most confident (lowest loss)")
+    p.add_argument("--pseudo-rounds", type=int, default=1,
+                   help="--targets pseudo: rounds of self-training; each after the first trains again from the start "
+                        "on the hypotheses of the round before's adapter (1: the labeller's only)")
     p.add_argument("--holdout", type=int, default=0,
                    help="do no harm: hold out the speaker's last N utterances and keep the best epoch only "
                         "if it is no worse there than the starting adapter (0: off)")
@@ -358,7 +362,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
 
 def check_training_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Refuse values :func:`add_training_options`' types let through (``p.error``: exit 2 with usage)."""
-    for name in ("epochs", "batch_size", "lora_r", "lora_alpha"):
+    for name in ("epochs", "batch_size", "lora_r", "lora_alpha", "pseudo_rounds"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: a positive number is needed")
     if a.max_duration < 0:
@@ -550,6 +554,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
         del fp_weights
     timer.done("quantise, add LoRA")
     batches_of = models.batch_iterator(a.fp_dir, a.window)
+    unlabelled = train_cuts
     if a.targets == "pseudo":
         labeller, routes, label_batches = saml_labeller(a, models, cuts) if a.pseudo_saml else (rec, None, batches_of)
         train_cuts, pseudo = pseudo_labelled(labeller, train_cuts, label_batches, models.token_loss, a.pseudo_keep,
@@ -578,11 +583,31 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
         normaliser = models.text_normaliser(a.fp_dir, split_digits(a.cuts.parent))
         start = mixture_window(a.init_saml) if a.init_saml else adapter_window(a.init)
         selection = Selection(held_out_errors(rec, held_out, normaliser, (start, a.window)))
-    checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", key)
-    losses = train_adapter(model, train_cuts, batches_of, a.epochs, a.lr, a.batch_size,
-                           a.seed, a.device, checkpoint, ranks, selection, a.lr_schedule, a.warmup_ratio,
-                           a.max_duration)
+    rounds = a.pseudo_rounds if a.targets == "pseudo" else 1
+    start_state = lora_state(model) if rounds > 1 else None
+    checkpoints = [Checkpoint(out.parent / (f".{out.name}.checkpoint" + (f".round{r}" if r > 1 else "")),
+                              {**key, "round": r} if r > 1 else key) for r in range(1, rounds + 1)]
+    earlier_rounds, relabel_seconds, losses = [], 0.0, []
+    for r, checkpoint in enumerate(checkpoints, 1):
+        if r > 1:  # self-training: this round's adapter labels the audio anew, and training starts again from the start
+            begin = time.time()
+            relabelled, report = pseudo_labelled(rec, unlabelled, batches_of, models.token_loss, a.pseudo_keep, a.device)
+            relabel_seconds += time.time() - begin
+            if len(relabelled) == 0:
+                logging.warning(f"speaker {speaker}: round {r}: no usable hypothesis; keeping round {r - 1}'s adapter")
+                break
+            earlier_rounds.append({"utterances": len(train_cuts), "loss_per_epoch": losses, "pseudo_labels": pseudo})
+            held = {cut_id: row for cut_id, row in pseudo.items() if row.get("held_out")}
+            train_cuts, pseudo = relabelled, {**report, **held}
+            set_peft_model_state_dict(model, start_state)
+        # the held-out judge (if any) judges the last round: the adapter that is kept or not
+        losses = train_adapter(model, train_cuts, batches_of, a.epochs, a.lr, a.batch_size,
+                               a.seed, a.device, checkpoint, ranks, selection if r == rounds else Selection(None),
+                               a.lr_schedule, a.warmup_ratio, a.max_duration)
     timer.done("train")
+    if relabel_seconds:
+        timer.seconds["train"] = round(timer.seconds["train"] - relabel_seconds, 1)
+        timer.seconds["pseudo-labels of the later rounds"] = round(relabel_seconds, 1)
     if selection.scores:  # the held-out judging happened between the epochs: reported apart
         timer.seconds["train"] = round(timer.seconds["train"] - selection.seconds, 1)
         judging = "decode the held-out utterances" if selection.measure == "errors" else "score the held-out pseudo-labels"
@@ -599,6 +624,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     if a.targets == "pseudo":
         meta.update(targets="pseudo", pseudo_labeller=f"saml {a.pseudo_saml}" if a.pseudo_saml else "start",
                     pseudo_labels=pseudo)
+        if rounds > 1:  # the rounds before the last, each labelled by the one before it (the first by the labeller)
+            meta.update(pseudo_rounds=len(earlier_rounds) + 1, earlier_rounds=earlier_rounds)
     if mixing:
         meta.update(mixture_weights={n: round(w, 4) for n, w in mixing.items()})
     if selection.scores:
@@ -610,7 +637,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
             logging.warning(f"speaker {speaker}: {reason}; keeping the starting point (see {out}/fallback.json)")
             shutil.rmtree(out, ignore_errors=True)
             write_json(out / "fallback.json", {"speaker": speaker, "reason": reason, **meta, **timer.report()})
-            checkpoint.remove()
+            for checkpoint in checkpoints:
+                checkpoint.remove()
             return
         if best < a.epochs:
             set_peft_model_state_dict(model, selection.best_state)
@@ -618,7 +646,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     meta.update(timer.report())
     (out / "fallback.json").unlink(missing_ok=True)
     save_adapter(model, out, meta)
-    checkpoint.remove()
+    for checkpoint in checkpoints:
+        checkpoint.remove()
     timer.done("save")
     steps = ", ".join(f"{step} {seconds} s" for step, seconds in timer.seconds.items())
     logging.info(f"wrote adapter {out}; {steps}; peak memory {meta['peak_memory_mb']} MB")

@@ -134,7 +134,9 @@ def test_distributed_sat_on_two_gloo_processes(setup, tmp_path):
 def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path, capsys):
     """pqm_unsup: the targets are the starting adapter's own hypotheses, the most confident half kept, and the
     held-out judge scores each epoch on its hypotheses of the 2 held-out utterances; with every transcript
-    replaced the outcome (adapter, or fallback with its held-out scores) is the same, bit for bit."""
+    replaced the outcome (adapter, or fallback with its held-out scores) is the same, bit for bit. With
+    --pseudo-rounds 2 the first round is that run (its labels and losses) and the second, labelled by the
+    first's adapter, reads no transcript either."""
     from lhotse import CutSet
 
     from pqm.pseudo_labels import with_text
@@ -145,16 +147,29 @@ def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path, capsys):
     CutSet.from_cuts(with_text(c, "nine nine nine") for c in CutSet.from_file(
         tmp / "manifests" / "fsdd_cuts_adapt.jsonl.gz")).to_file(scrambled)
     pseudo = ("--init", str(tmp_path / "init"), "--targets", "pseudo", "--pseudo-keep", "0.5", "--holdout", "2")
-    for out, extra in (("a", ()), ("b", ("--cuts", str(scrambled)))):
+    rounds = ("--pseudo-rounds", "2")
+    for out, extra in (("a", ()), ("b", ("--cuts", str(scrambled))), ("a2", rounds),
+                       ("b2", (*rounds, "--cuts", str(scrambled)))):
         adapt(setup, tmp_path / out, 2, *pseudo, *extra)
+    for plain, other_run in (("a", "b"), ("a2", "b2")):
+        done = [f for f in ("pqm_adapter.json", "fallback.json") if (tmp_path / plain / f).exists()]
+        assert len(done) == 1 and (tmp_path / other_run / done[0]).exists()
+        meta, other = (json.loads((tmp_path / run / done[0]).read_text()) for run in (plain, other_run))
+        assert meta["held_out"] == other["held_out"] and meta["pseudo_labels"] == other["pseudo_labels"]
+        assert meta.get("earlier_rounds") == other.get("earlier_rounds")
+        if done == ["pqm_adapter.json"]:
+            a = load_file(str(tmp_path / plain / "adapter_model.safetensors"))
+            b = load_file(str(tmp_path / other_run / "adapter_model.safetensors"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = json.loads((tmp_path / "a2" / done[0]).read_text())
+    assert first["pseudo_rounds"] == 2 and first["run_key"]["pseudo_rounds"] == 2
     done = [f for f in ("pqm_adapter.json", "fallback.json") if (tmp_path / "a" / f).exists()]
-    assert len(done) == 1 and (tmp_path / "b" / done[0]).exists()
-    meta, other = (json.loads((tmp_path / run / done[0]).read_text()) for run in ("a", "b"))
-    assert meta["held_out"] == other["held_out"] and meta["pseudo_labels"] == other["pseudo_labels"]
-    if done == ["pqm_adapter.json"]:
-        a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
-        b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "a" / done[0]).read_text())
+    [round1] = first["earlier_rounds"]  # round 1 is the one-round run, trained to its last epoch
+    assert round1["pseudo_labels"] == meta["pseudo_labels"] and round1["loss_per_epoch"] == meta["loss_per_epoch"]
+    assert {u for u, r in first["pseudo_labels"].items() if r.get("held_out")} == \
+        {u for u, r in meta["pseudo_labels"].items() if r.get("held_out")}
+    assert sum(r["kept"] for r in first["pseudo_labels"].values()) == 5
     report = meta["pseudo_labels"]
     held = {u for u, r in report.items() if r.get("held_out")}
     kept = [r for r in report.values() if r["kept"]]
