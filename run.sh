@@ -49,6 +49,7 @@ unsup=false             # also pqm_unsup: per-speaker LoRA from SAT on nf4_sat's
 unsup_keep=0.3          # pqm_unsup: the fraction of those hypotheses kept as targets, the most confident
 unsup_labeller=nf4_sat  # pqm_unsup: whose hypotheses: nf4_sat's (the adapter's start) or saml's (needs --saml-experts)
 unsup_rounds=1          # pqm_unsup: rounds of self-training, each after the first on the hypotheses of the round before's adapter
+unsup_token_floor=0     # pqm_unsup: mask the tokens of a kept hypothesis below this probability out of the attention loss (0: off)
 sa_holdout=0            # do no harm: hold out N adaptation utterances per speaker, keep the best epoch if no worse there (0: off)
 unsup_holdout=0         # pqm_unsup's own: hold out N, judged by the loss of the labeller's hypotheses of them (0: off; README)
 whisper_window=trimmed  # whisper LoRA training (and the adapted systems' decoding): trimmed or padded (30 s) input
@@ -156,6 +157,7 @@ stage7() {  # one job per speaker trains every system's adapter; a failed one st
     speaker_jobs adapt python -m pqm.adapt_speakers "${opts_lora[@]}" --sat-dir "${expdir}/sat" --saml-dir "${saml}" \
         --systems "${adapted[@]}" --holdout "${sa_holdout}" --unsup-holdout "${unsup_holdout}" \
         --unsup-labeller "${unsup_labeller}" --pseudo-keep "${unsup_keep}" --pseudo-rounds "${unsup_rounds}" \
+        --pseudo-token-floor "${unsup_token_floor}" \
         --cuts "$(cuts adapt)" --max-utts "${sa_utts}" --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" \
         --ctc-weight "${ctc_weight}" --adapters "${expdir}/adapters" || die "adaptation failed for the speakers listed above; rerun stage 7 to redo only those"
 }

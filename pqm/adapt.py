@@ -134,6 +134,7 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         **({"targets": "pseudo", "pseudo_keep": a.pseudo_keep} if a.targets == "pseudo" else {}),
         **({"pseudo_labeller": mixture_key(a.pseudo_saml)} if a.targets == "pseudo" and a.pseudo_saml else {}),
         **({"pseudo_rounds": a.pseudo_rounds} if a.targets == "pseudo" and a.pseudo_rounds > 1 else {}),
+        **({"pseudo_token_floor": a.pseudo_token_floor} if a.targets == "pseudo" and a.pseudo_token_floor else {}),
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
         **({"max_duration": a.max_duration} if a.max_duration > 0 else {}),
         # a new LoRA's epoch 0 is the bare model, decoded in its 30 s window (held_out_errors)
@@ -354,6 +355,9 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pseudo-rounds", type=int, default=1,
                    help="--targets pseudo: rounds of self-training; each after the first trains again from the start "
                         "on the hypotheses of the round before's adapter (1: the labeller's only)")
+    p.add_argument("--pseudo-token-floor", type=float, default=0.0,
+                   help="--targets pseudo: leave out of the attention loss the tokens of a kept hypothesis whose "
+                        "probability under the labeller is below this (STAR-style masking; 0: off)")
     p.add_argument("--holdout", type=int, default=0,
                    help="do no harm: hold out the speaker's last N utterances and keep the best epoch only "
                         "if it is no worse there than the starting adapter (0: off)")
@@ -371,6 +375,8 @@ def check_training_options(p: argparse.ArgumentParser, a: argparse.Namespace) ->
         p.error("--holdout must be >= 0 and --lr > 0")
     if not 0 < a.pseudo_keep <= 1:
         p.error(f"--pseudo-keep {a.pseudo_keep}: a fraction in (0, 1] is needed")
+    if not 0 <= a.pseudo_token_floor < 1:
+        p.error(f"--pseudo-token-floor {a.pseudo_token_floor}: a probability in [0, 1) is needed (0: off)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -555,10 +561,11 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     timer.done("quantise, add LoRA")
     batches_of = models.batch_iterator(a.fp_dir, a.window)
     unlabelled = train_cuts
+    masking = {"token_floor": a.pseudo_token_floor, "token_probs": models.token_probs}
     if a.targets == "pseudo":
         labeller, routes, label_batches = saml_labeller(a, models, cuts) if a.pseudo_saml else (rec, None, batches_of)
         train_cuts, pseudo = pseudo_labelled(labeller, train_cuts, label_batches, models.token_loss, a.pseudo_keep,
-                                             a.device, routes)
+                                             a.device, routes, **masking)
         if held_out:  # every usable hypothesis of the held-out audio is a reference there
             held_out, held_pseudo = pseudo_labelled(labeller, held_out, label_batches, models.token_loss, 1.0,
                                                     a.device, routes)
@@ -591,7 +598,8 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     for r, checkpoint in enumerate(checkpoints, 1):
         if r > 1:  # self-training: this round's adapter labels the audio anew, and training starts again from the start
             begin = time.time()
-            relabelled, report = pseudo_labelled(rec, unlabelled, batches_of, models.token_loss, a.pseudo_keep, a.device)
+            relabelled, report = pseudo_labelled(rec, unlabelled, batches_of, models.token_loss, a.pseudo_keep, a.device,
+                                                 **masking)
             relabel_seconds += time.time() - begin
             if len(relabelled) == 0:
                 logging.warning(f"speaker {speaker}: round {r}: no usable hypothesis; keeping round {r - 1}'s adapter")

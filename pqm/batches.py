@@ -1,4 +1,9 @@
-"""Mini-batches for ESPnet's ``ASRModel.forward`` drawn from lhotse cuts."""
+"""Mini-batches for ESPnet's ``ASRModel.forward`` drawn from lhotse cuts.
+
+A cut whose supervision carries ``custom["token_mask"]`` (pseudo-labels,
+:mod:`pqm.pseudo_labels`) marks which of its target tokens the loss may learn
+(1) or must leave out (0); a batch with such a cut gets ``token_mask``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 from pqm.tokens import TokenEncoder
 
 SAMPLING_RATE = 16000
+TOKEN_MASK = "token_mask"  # the supervision's custom field, and the batch's key
 _resampled_from: set[int] = set()
 
 
@@ -67,4 +73,24 @@ def iterate_batches(
             "speech_lengths": speech_lengths,
             "text": pad_sequence(ids, batch_first=True, padding_value=-1),
             "text_lengths": torch.tensor([len(i) for i in ids]),
+            **token_masks(batch, [len(i) for i in ids]),
         }
+
+
+def token_mask(cut) -> list[int] | None:
+    """The cut's ``token_mask`` (1: learn the target token, 0: leave it out of the loss), or None."""
+    return (cut.supervisions[0].custom or {}).get(TOKEN_MASK)
+
+
+def token_masks(cuts: list, lengths: list[int]) -> dict[str, torch.Tensor]:
+    """``{"token_mask": (cuts, max length) bool}`` where a cut has a mask (a cut without one, and the padding,
+    learn every token), else ``{}``; ``lengths``: each cut's number of target tokens, which its mask must match."""
+    masks = [token_mask(c) for c in cuts]
+    if all(m is None for m in masks):
+        return {}
+    rows = []
+    for cut, mask, n in zip(cuts, masks, lengths):
+        if mask is not None and len(mask) != n:
+            raise ValueError(f"cut {cut.id}: a token mask of {len(mask)} for {n} target tokens")
+        rows.append(torch.tensor(mask, dtype=torch.bool) if mask is not None else torch.ones(n, dtype=torch.bool))
+    return {TOKEN_MASK: pad_sequence(rows, batch_first=True, padding_value=True)}

@@ -11,6 +11,13 @@ a confident hypothesis. The ``keep`` fraction with the lowest loss become
 the targets; ``<unk>`` is dropped from a hypothesis (it is not a word to
 learn), and empty hypotheses or those the tokenizer cannot encode are never
 kept. The transcripts of the cuts are never read.
+
+Token masking (``token_floor`` > 0, STAR's idea, arXiv 2405.14161, with the
+plain token confidence): within a kept hypothesis, the tokens to which the
+same model, reading the hypothesis as its target, gives a probability below
+the floor (the family's ``token_probs``) are left out of the loss
+(``token_mask``, :mod:`pqm.batches`); a hypothesis none of whose tokens
+reaches the floor is not kept.
 """
 
 from __future__ import annotations
@@ -23,48 +30,77 @@ import torch
 from lhotse import CutSet
 from lhotse.utils import fastcopy
 
+from pqm.batches import TOKEN_MASK
 from pqm.errors import BadInput
 from pqm.lora import Row, per_row
 
 
-def with_text(cut, text: str):
-    """``cut`` with its (single) supervision's text replaced."""
-    return cut.map_supervisions(lambda sup: fastcopy(sup, text=text))
+def with_text(cut, text: str, mask: list[int] | None = None):
+    """``cut`` with its (single) supervision's text replaced, and its token mask with ``mask`` (none: a new
+    text has no mask)."""
+    def change(sup):
+        custom = {k: v for k, v in (sup.custom or {}).items() if k != TOKEN_MASK}
+        if mask is not None:
+            custom[TOKEN_MASK] = mask
+        return fastcopy(sup, text=text, custom=custom or None)
+
+    return cut.map_supervisions(change)
 
 
 @torch.no_grad()
-def target_loss(model: torch.nn.Module, cut, batches_of: Callable, per_token: Callable, device: str) -> float:
-    """The model's training loss per token of ``cut`` alone (its text as the target); infinite for a text that
-    cannot be a target (empty, or not encodable by the model's tokenizer)."""
+def target_scores(model: torch.nn.Module, cut, batches_of: Callable, per_token: Callable, device: str,
+                  token_probs: Callable | None = None) -> tuple[float, list[float]]:
+    """The model's training loss per token of ``cut`` alone (its text as the target; infinite for a text that
+    cannot be a target: empty, or not encodable by the model's tokenizer) and, with ``token_probs`` (the
+    family's), the probability of each target token (else ``[]``)."""
     if not (cut.supervisions[0].text or "").strip():
-        return math.inf
+        return math.inf, []
     try:
         batch = next(iter(batches_of(CutSet.from_cuts([cut]), 1)))
     except BadInput:
-        return math.inf
-    return per_token(model(**{k: v.to(device) for k, v in batch.items()})[0], batch)
+        return math.inf, []
+    batch = {k: v.to(device) for k, v in batch.items()}
+    output = model(**batch)
+    return per_token(output[0], batch), token_probs(model, output, batch) if token_probs else []
+
+
+def target_loss(model: torch.nn.Module, cut, batches_of: Callable, per_token: Callable, device: str) -> float:
+    """The loss per token of :func:`target_scores`."""
+    return target_scores(model, cut, batches_of, per_token, device)[0]
 
 
 def pseudo_labelled(rec, cuts: CutSet, batches_of: Callable, per_token: Callable, keep: float, device: str = "cpu",
-                    routes: dict[str, Row] | None = None) -> tuple[CutSet, dict]:
+                    routes: dict[str, Row] | None = None, token_floor: float = 0.0,
+                    token_probs: Callable | None = None) -> tuple[CutSet, dict]:
     """The cuts whose hypotheses by ``rec`` (its model as it is now; with ``routes``, each cut through its own
     mixture of the loaded adapters, :class:`pqm.lora.RowAdapters`) are the most confident, with those
-    hypotheses as their text, and a report: every hypothesis, its loss, and whether it was kept."""
+    hypotheses as their text (with ``token_floor`` > 0, and the family's ``token_probs``, their tokens below
+    that probability masked), and a report: every hypothesis, its loss, and whether it was kept."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep {keep}: a fraction in (0, 1] is needed")
+    if token_floor and token_probs is None:
+        raise ValueError("token_floor needs the family's token_probs")
     rec.model.eval()
     adapters = [routes[cut.id] for cut in cuts] if routes is not None else None
     hyps = {cut_id: " ".join(w for w in text.split() if w != "<unk>")
             for cut_id, text in rec.transcribe(cuts, desc="pseudo-labels", adapters=adapters).items()}
-    scored = {}
+    scored, probs = {}, {}
     with per_row(rec.model, adapters) as rows:
         for cut in cuts:
             if rows is not None:
                 rows.names = [routes[cut.id]]
-            scored[cut.id] = target_loss(rec.model, with_text(cut, hyps[cut.id]), batches_of, per_token, device)
+            scored[cut.id], probs[cut.id] = target_scores(rec.model, with_text(cut, hyps[cut.id]), batches_of,
+                                                          per_token, device, token_probs if token_floor else None)
     ranked = sorted((loss, cut_id) for cut_id, loss in scored.items() if math.isfinite(loss))
     kept = {cut_id for _, cut_id in ranked[: max(1, round(keep * len(cuts)))]} if ranked else set()
+    masks = {cut_id: [int(p >= token_floor) for p in probs[cut_id]] for cut_id in kept} if token_floor else {}
+    kept -= {cut_id for cut_id, mask in masks.items() if not any(mask)}
     report = {cut_id: {"hypothesis": hyps[cut_id], "loss": scored[cut_id] if math.isfinite(scored[cut_id]) else None,
-                       "kept": cut_id in kept} for cut_id in sorted(scored)}
-    logging.info(f"pseudo-labels: kept {len(kept)} of {len(cuts)} hypotheses (the {keep:.0%} with the lowest loss)")
-    return CutSet.from_cuts(with_text(c, hyps[c.id]) for c in cuts if c.id in kept), report
+                       "kept": cut_id in kept,
+                       **({"token_probs": [round(p, 6) for p in probs[cut_id]]} if token_floor else {}),
+                       **({"token_mask": masks[cut_id]} if cut_id in kept and token_floor else {})}
+              for cut_id in sorted(scored)}
+    logging.info(f"pseudo-labels: kept {len(kept)} of {len(cuts)} hypotheses (the {keep:.0%} with the lowest loss)"
+                 + (f"; {sum(m.count(0) for c, m in masks.items() if c in kept)} of their "
+                    f"{sum(len(masks[c]) for c in kept)} tokens below {token_floor} masked" if token_floor else ""))
+    return CutSet.from_cuts(with_text(c, hyps[c.id], masks.get(c.id)) for c in cuts if c.id in kept), report

@@ -185,6 +185,26 @@ def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path, capsys):
         adapt(setup, tmp_path / "c", 1, "--targets", "pseudo")
     assert "--targets pseudo needs --init" in capsys.readouterr().err
 
+    # token masking: the same hypotheses, each token scored; a kept one's tokens below the floor are masked
+    # (the floor: amid the probabilities of the kept tokens at a floor that masks next to nothing)
+    adapt(setup, tmp_path / "m0", 1, *pseudo[:-2], "--pseudo-token-floor", "1e-9")
+    probs = sorted(p for r in json.loads((tmp_path / "m0" / "pqm_adapter.json").read_text())["pseudo_labels"].values()
+                   if r["kept"] for p in r["token_probs"])
+    floor = next(round((a + b) / 2, 6) for a, b in zip(probs[len(probs) // 2:], probs[len(probs) // 2 + 1:]) if b > a)
+    adapt(setup, tmp_path / "m", 1, *pseudo[:-2], "--pseudo-token-floor", str(floor))
+    masked = json.loads((tmp_path / "m" / "pqm_adapter.json").read_text())
+    assert masked["run_key"]["pseudo_token_floor"] == floor and "pseudo_token_floor" not in meta["run_key"]
+    rows = masked["pseudo_labels"]
+    assert {u: r["hypothesis"] for u, r in rows.items()} == {u: r["hypothesis"] for u, r in report.items()}
+    for row in rows.values():
+        assert len(row["token_probs"]) == len(row["hypothesis"].split())
+        if row["kept"]:
+            assert row["token_mask"] == [int(p >= floor) for p in row["token_probs"]] and any(row["token_mask"])
+    assert 0 < sum(r["token_mask"].count(0) for r in rows.values() if r["kept"]) < len(probs)
+    with pytest.raises(SystemExit):
+        adapt(setup, tmp_path / "c", 1, *pseudo, "--pseudo-token-floor", "1")
+    assert "--pseudo-token-floor 1.0: a probability in [0, 1) is needed" in capsys.readouterr().err
+
 
 def test_fp_hypotheses_are_read_from_a_cache_that_holds_them(tmp_path):
     """saml's experts train on subsets of SAT's utterances: their model-style targets' fp hypotheses are read

@@ -17,6 +17,8 @@ need to know about one kind of model, as module-level names:
 - ``DEFAULT_TARGETS``: the LoRA target modules (a regex);
 - ``batch_iterator(fp_dir, window)``: LoRA training batches;
 - ``token_loss(loss, batch)``: the training loss of a batch of one per target token (pseudo-label confidence);
+- ``token_probs(model, output, batch)``: the probability of each target token of a batch of one, from its
+  forward's ``output``; the batch iterator takes the same tokens' ``token_mask`` (:mod:`pqm.batches`);
 - ``encoder_mean(model, batch)``: each utterance's mean encoder output (``saml``'s router reads it);
 - ``recognizer(fp_dir, device, beam_size, ctc_weight)``: decoding (``transcribe(cuts, ...)``), and
   ``inputs(cuts)``: the encoder's input of cuts, one batch;

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from lhotse import CutSet
 from lhotse.dataset.collation import collate_audio
 
-from pqm.batches import at_16k, iterate_batches
+from pqm.batches import TOKEN_MASK, at_16k, iterate_batches
 from pqm.errors import BadInput, require
 from pqm.families import record
 from pqm.files import atomic_path
@@ -131,12 +131,46 @@ def build_speech2text(fp_dir: Path, device: str = "cpu", **decode_opts):
     return s2t
 
 
+class TokenMaskedLoss(torch.nn.Module):
+    """ESPnet's attention loss (the model's ``criterion_att``) with two additions for pseudo-labels: the target
+    tokens a batch's ``token_mask`` marks 0 are left out of it (STAR-style masking: the decoder still reads them),
+    and it keeps the log-probability of every target token of the last batch (``log_probs``, eos last).
+    The CTC loss still learns every token."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+        self.mask: torch.Tensor | None = None  # set from the batch before each forward (:func:`learn_token_masks`)
+        self.log_probs: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        picked = torch.log_softmax(x.detach(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1))
+        self.log_probs = picked.squeeze(-1)
+        if self.mask is not None:  # (batch, tokens) against (batch, tokens + eos): eos is always learnt
+            keep = torch.ones_like(target, dtype=torch.bool)
+            keep[:, : self.mask.shape[1]] = self.mask.to(target.device)
+            target = target.masked_fill(~keep, self.loss.padding_idx)
+        return self.loss(x, target)
+
+
+def learn_token_masks(model: torch.nn.Module) -> None:
+    """Make ``model``'s forward take a ``token_mask`` (:func:`pqm.batches.token_masks`) for its attention loss
+    (:class:`TokenMaskedLoss`); ESPnet's forward passes unknown keywords by."""
+    model.criterion_att = TokenMaskedLoss(model.criterion_att)
+
+    def take_mask(module, args, kwargs):
+        module.criterion_att.mask = kwargs.get(TOKEN_MASK)
+
+    model.register_forward_pre_hook(take_mask, with_kwargs=True)
+
+
 class EspnetRecognizer:
     """ESPnet's beam search (``Speech2Text``) on ``self.model``, which is quantised and adapted in place."""
 
     def __init__(self, fp_dir: Path, device: str = "cpu", beam_size: int = 4, ctc_weight: float = 0.5) -> None:
         self.s2t = build_speech2text(fp_dir, device=device, beam_size=beam_size, ctc_weight=ctc_weight, nbest=1)
         self.model = self.s2t.asr_model
+        learn_token_masks(self.model)
 
     def set_window(self, window: str) -> None:
         """Whole utterances, whatever the window: only Whisper pads its input to a window."""
@@ -226,6 +260,13 @@ def batch_iterator(fp_dir: Path, window: str = "padded"):
 def token_loss(loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
     """ESPnet's loss (CTC and attention) is summed over the target's tokens: divided by their number."""
     return float(loss) / max(1, int(batch["text_lengths"].sum()))
+
+
+def token_probs(model: torch.nn.Module, output: tuple, batch: dict[str, torch.Tensor]) -> list[float]:
+    """The attention decoder's probability of each target token of a batch of one (teacher-forced, as the
+    forward that gave ``output`` ran: the tokens a ``token_mask`` covers, eos left out)."""
+    loss = next(m for m in model.modules() if isinstance(m, TokenMaskedLoss))
+    return loss.log_probs[0, : int(batch["text_lengths"][0])].exp().tolist()
 
 
 def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float) -> EspnetRecognizer:

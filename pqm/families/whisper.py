@@ -23,7 +23,7 @@ import torch
 from lhotse import CutSet
 from tqdm import tqdm
 
-from pqm.batches import SAMPLING_RATE, at_16k, cut_batches
+from pqm.batches import SAMPLING_RATE, TOKEN_MASK, at_16k, cut_batches, token_masks
 from pqm.errors import BadInput, require
 from pqm.families import record
 from pqm.files import atomic_path
@@ -175,9 +175,15 @@ def batch_iterator(fp_dir: Path, window: str = "padded") -> Callable[..., Iterat
 
     Labels are the tokenizer's ids of `` <transcript>`` after Whisper's prefix
     (start of transcript, no timestamps; the model shifts them right itself),
-    padded with -100.
+    padded with -100. A batch with token masks (:func:`pqm.batches.token_masks`,
+    over the labels) gets ``decoder_input_ids`` (every label, shifted right, as
+    the model would make them) and -100 for the masked labels.
     """
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
     processor = load_processor(fp_dir)
+    config = WhisperConfig.from_pretrained(fp_dir, local_files_only=True)
     tokenizer = processor.tokenizer
     tokenizer.set_prefix_tokens(predict_timestamps=False)
     start = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
@@ -196,6 +202,12 @@ def batch_iterator(fp_dir: Path, window: str = "padded") -> Callable[..., Iterat
             labels = ids.input_ids.masked_fill(ids.attention_mask == 0, -100)
             if (labels[:, 0] == start).all():
                 labels = labels[:, 1:]
+            masked = token_masks(list(batch), (labels != -100).sum(1).tolist()).get(TOKEN_MASK)
+            if masked is not None:
+                inputs = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+                yield {"input_features": features(processor, list(batch), window), "decoder_input_ids": inputs,
+                       "labels": labels.masked_fill(~masked, -100)}
+                continue
             yield {"input_features": features(processor, list(batch), window), "labels": labels}
 
     return iterate
@@ -319,6 +331,14 @@ def encoder_mean(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
 def token_loss(loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
     """transformers' cross-entropy is already the mean over the target's tokens."""
     return float(loss)
+
+
+def token_probs(model: torch.nn.Module, output, batch: dict[str, torch.Tensor]) -> list[float]:
+    """The model's probability of each label of a batch of one (teacher-forced: ``output`` of its forward),
+    the no-timestamps token and end of text included, as a token mask covers them."""
+    labels = batch["labels"][0]
+    picked = torch.log_softmax(output.logits[0].detach(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    return picked.squeeze(-1)[labels != -100].exp().tolist()
 
 
 def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float) -> WhisperRecognizer:
