@@ -134,8 +134,7 @@ def build_speech2text(fp_dir: Path, device: str = "cpu", **decode_opts):
 class TokenMaskedLoss(torch.nn.Module):
     """ESPnet's attention loss (the model's ``criterion_att``) with two additions for pseudo-labels: the target
     tokens a batch's ``token_mask`` marks 0 are left out of it (STAR-style masking: the decoder still reads them),
-    and it keeps the log-probability of every target token of the last batch (``log_probs``, eos last).
-    The CTC loss still learns every token."""
+    and it keeps the log-probability of every target token of the last batch (``log_probs``, eos last)."""
 
     def __init__(self, loss: torch.nn.Module) -> None:
         super().__init__()
@@ -153,13 +152,35 @@ class TokenMaskedLoss(torch.nn.Module):
         return self.loss(x, target)
 
 
+class WholeUtteranceCTC(torch.nn.Module):
+    """ESPnet's CTC loss function (the model's ``ctc.ctc_loss``, one loss an utterance) with the utterances that
+    have a masked token left out (``keep``): CTC aligns the whole target, so it learns an utterance or not."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+        self.keep: torch.Tensor | None = None
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        loss = self.loss(*args)
+        return loss if self.keep is None else loss * self.keep.to(loss)
+
+
 def learn_token_masks(model: torch.nn.Module) -> None:
-    """Make ``model``'s forward take a ``token_mask`` (:func:`pqm.batches.token_masks`) for its attention loss
-    (:class:`TokenMaskedLoss`); ESPnet's forward passes unknown keywords by."""
+    """Make ``model``'s forward take a ``token_mask`` (:func:`pqm.batches.token_masks`): the masked tokens leave
+    the attention loss (:class:`TokenMaskedLoss`), their utterances the CTC loss (:class:`WholeUtteranceCTC`, where
+    ESPnet's CTC loss is one an utterance); ESPnet's forward passes unknown keywords by."""
     model.criterion_att = TokenMaskedLoss(model.criterion_att)
+    ctc = getattr(model, "ctc", None)
+    per_utterance = ctc is not None and getattr(ctc.ctc_loss, "reduction", None) == "none"
+    if per_utterance:
+        ctc.ctc_loss = WholeUtteranceCTC(ctc.ctc_loss)
 
     def take_mask(module, args, kwargs):
-        module.criterion_att.mask = kwargs.get(TOKEN_MASK)
+        mask = kwargs.get(TOKEN_MASK)
+        module.criterion_att.mask = mask
+        if per_utterance:
+            module.ctc.ctc_loss.keep = mask.all(dim=1).float() if mask is not None else None
 
     model.register_forward_pre_hook(take_mask, with_kwargs=True)
 
