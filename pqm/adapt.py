@@ -25,9 +25,10 @@ Targets (``--target-style``, Whisper): references restyled into the model's
 own writing (``pqm.restyle``), with the full-precision model's hypotheses of
 the training utterances (greedy, 30 s window) where the style needs them.
 ``--targets pseudo`` (``pqm_unsup``) never reads the transcripts: the targets
-are the starting model's own most confident hypotheses (``pqm.pseudo_labels``),
-or with ``--pseudo-saml`` those of ``saml`` (:func:`saml_labeller`); the
-held-out judge's references then come from ``saml`` too.
+are the starting model's own most confident hypotheses (``pqm.pseudo_labels``;
+with ``--pseudo-token-floor P``, their tokens below probability P masked out of
+the loss), or with ``--pseudo-saml`` those of ``saml`` (:func:`saml_labeller`);
+the held-out judge's references then come from ``saml`` too.
 
 Training state is checkpointed after every epoch (``.<out>.checkpoint``), so a
 killed job resumes where it stopped; an adapter already trained with the same
