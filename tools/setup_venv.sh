@@ -11,7 +11,7 @@ want=$(cat "${root}/tools/setup_venv.sh" "${root}/tools/requirements.txt" "${roo
 if [ -f "${stamp}" ] && [ "$(cat "${stamp}")" = "${want}" ]; then
     exit 0
 fi
-echo "$(date '+%F %T') setting up ${venv} (one time, about 2 minutes)" >&2
+echo "$(date '+%F %T') setting up ${venv} (one time, about 3 to 4 minutes)" >&2
 python3 -m venv "${venv}"
 pip="${venv}/bin/python -m pip --disable-pip-version-check -q"
 # pip 24+ refuses ci_sdr's sdist (an espnet requirement with a git URL extra); keep 23.2.1.
