@@ -134,17 +134,22 @@ def build_speech2text(fp_dir: Path, device: str = "cpu", **decode_opts):
 class TokenMaskedLoss(torch.nn.Module):
     """ESPnet's attention loss (the model's ``criterion_att``) with two additions for pseudo-labels: the target
     tokens a batch's ``token_mask`` marks 0 are left out of it (STAR-style masking: the decoder still reads them),
-    and it keeps the log-probability of every target token of the last batch (``log_probs``, eos last)."""
+    and it keeps the last batch's decoder output and targets, of which :meth:`log_probs` gives each target
+    token's log-probability (eos last) on request, off training's path."""
 
     def __init__(self, loss: torch.nn.Module) -> None:
         super().__init__()
         self.loss = loss
         self.mask: torch.Tensor | None = None  # set from the batch before each forward (:func:`learn_token_masks`)
-        self.log_probs: torch.Tensor | None = None
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def log_probs(self) -> torch.Tensor:
+        """(batch, tokens + eos): the log-probability of each target token of the last batch."""
+        x, target = self.last
+        return torch.log_softmax(x, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        picked = torch.log_softmax(x.detach(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1))
-        self.log_probs = picked.squeeze(-1)
+        self.last = (x.detach(), target)
         if self.mask is not None:  # (batch, tokens) against (batch, tokens + eos): eos is always learnt
             keep = torch.ones_like(target, dtype=torch.bool)
             keep[:, : self.mask.shape[1]] = self.mask.to(target.device)
@@ -287,7 +292,7 @@ def token_probs(model: torch.nn.Module, output: tuple, batch: dict[str, torch.Te
     """The attention decoder's probability of each target token of a batch of one (teacher-forced, as the
     forward that gave ``output`` ran: the tokens a ``token_mask`` covers, eos left out)."""
     loss = next(m for m in model.modules() if isinstance(m, TokenMaskedLoss))
-    return loss.log_probs[0, : int(batch["text_lengths"][0])].exp().tolist()
+    return loss.log_probs()[0, : int(batch["text_lengths"][0])].exp().tolist()
 
 
 def recognizer(fp_dir: Path, device: str, beam_size: int, ctc_weight: float) -> EspnetRecognizer:

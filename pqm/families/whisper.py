@@ -202,13 +202,12 @@ def batch_iterator(fp_dir: Path, window: str = "padded") -> Callable[..., Iterat
             labels = ids.input_ids.masked_fill(ids.attention_mask == 0, -100)
             if (labels[:, 0] == start).all():
                 labels = labels[:, 1:]
+            out = {"input_features": features(processor, list(batch), window), "labels": labels}
             masked = token_masks(list(batch), (labels != -100).sum(1).tolist()).get(TOKEN_MASK)
             if masked is not None:
                 inputs = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
-                yield {"input_features": features(processor, list(batch), window), "decoder_input_ids": inputs,
-                       "labels": labels.masked_fill(~masked, -100)}
-                continue
-            yield {"input_features": features(processor, list(batch), window), "labels": labels}
+                out.update(decoder_input_ids=inputs, labels=labels.masked_fill(~masked, -100))
+            yield out
 
     return iterate
 
