@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable
-
-from lhotse import CutSet, RecordingSet, SupervisionSet
+from typing import TYPE_CHECKING, Iterable
 
 from pqm.errors import require
 from pqm.files import atomic_path, write_json
+
+if TYPE_CHECKING:
+    from lhotse import CutSet, RecordingSet, SupervisionSet
 
 SETS = ("train", "valid", "adapt", "eval")
 KINDS = ("recordings", "supervisions", "cuts")
@@ -27,6 +28,8 @@ def manifest_path(manifest_dir: Path, corpus: str, kind: str, name: str) -> Path
 def write_set(manifest_dir: Path, corpus: str, name: str, recs: RecordingSet, sups: SupervisionSet,
               cuts: CutSet | None = None) -> CutSet:
     """Write one set's manifests atomically; the cuts default to one per recording."""
+    from lhotse import CutSet
+
     cuts = cuts if cuts is not None else CutSet.from_manifests(recordings=recs, supervisions=sups)
     for kind, manifest in zip(KINDS, (recs, sups, cuts)):
         with atomic_path(manifest_path(manifest_dir, corpus, kind, name)) as tmp:
@@ -36,6 +39,8 @@ def write_set(manifest_dir: Path, corpus: str, name: str, recs: RecordingSet, su
 
 def write_utterance_set(manifest_dir: Path, corpus: str, name: str, recs: Iterable, sups: Iterable) -> CutSet:
     """Write one set of a corpus whose utterances are supervisions (whole files or segments): one cut each."""
+    from lhotse import CutSet, RecordingSet, SupervisionSet
+
     sup_set = SupervisionSet.from_segments(sups)
     used = {s.recording_id for s in sup_set}
     rec_set = RecordingSet.from_recordings(r for r in recs if r.id in used)
@@ -50,6 +55,8 @@ def write_speakers(manifest_dir: Path, train: list[str], test: list[str], **extr
 
 def load_set(manifest_dir: Path, corpus: str, name: str) -> tuple[RecordingSet, SupervisionSet]:
     """Load one set's recordings and supervisions, naming stage 2 if they are missing."""
+    from lhotse import RecordingSet, SupervisionSet
+
     rec = require(manifest_path(manifest_dir, corpus, "recordings", name), "stage 2 (manifests)")
     sup = require(manifest_path(manifest_dir, corpus, "supervisions", name), "stage 2 (manifests)")
     return RecordingSet.from_file(rec), SupervisionSet.from_file(sup)

@@ -48,7 +48,7 @@ START_OF_SLURM_GROUP = "test_time_limited_array_is_submitted"
 # then the other long ones, the longest first, so that the first worker to finish takes the short ones left;
 # the rest in file order. Durations: CI of 2026-12-01.
 FIRST = ("test_recipe.py", "test_recipes.py", "test_custom.py", "test_whisper.py", "test_tedlium3.py",
-         "test_librispeech.py", "test_speechocean762.py", "test_adapt.py", "test_stages.py", "test_transcribe.py")
+         "test_speechocean762.py", "test_adapt.py", "test_stages.py", "test_transcribe.py")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -187,7 +187,7 @@ def test_conformer_data_at_16khz_and_whisper_runs_end_to_end(dirs, whisper_dir, 
     run_sh(*data, "--expdir", str(exp), "--model", "whisper", "--pretrained", str(whisper_dir), "--sat-utts", "4",
            "--sat-epochs", "1", "--sa-epochs", "1", "--beam-size", "1", "--nj", "1", "--nf4-embeddings", "true",
            "--whisper-max-tokens-per-second", "8", "--unsup", "true", "--unsup-keep", "0.5", "--unsup-holdout", "1",
-           "--whisper-window", "padded")  # trimmed, the default: test_librispeech.py
+           "--whisper-window", "padded")  # trimmed, the default: test_whisper.py
     results = json.loads((exp / "results.json").read_text())
     assert results["corpus"] == "custom" and results["test_speakers"] == ["george"]
     assert set(results["systems"]) == {"fp", "nf4", "nf4_sat", "nf4_sa", "pqm", "pqm_unsup"}

@@ -38,6 +38,31 @@ def test_score_per_speaker_and_fallback(tmp_path):
     json.dumps(results)
 
 
+def test_wer_per_test_set(tmp_path):
+    """A corpus with several test sets (LibriSpeech's test-clean and test-other, speakers.json's test_sets):
+    each system's WER per set from its speakers' counts, a table of them in RESULTS.md."""
+    from pqm.score import add_per_set
+
+    refs = {"a-1": "one two", "b-1": "three four", "c-1": "five"}
+    speakers = {u: u[0] for u in refs}
+    for system in ("fp", "nf4", "nf4_sat", "nf4_sa", "pqm"):
+        write_hyps(tmp_path / system / "a", {"a-1": "one two"}, {"system": system})
+        write_hyps(tmp_path / system / "b", {"b-1": "three"}, {"system": system})
+        write_hyps(tmp_path / system / "c", {"c-1": "six" if system == "fp" else "five"}, {"system": system})
+    systems = score(tmp_path, refs, speakers)
+    test_sets = {"test-clean": ["a", "b"], "test-other": ["c"]}
+    add_per_set(systems, test_sets)
+    assert systems["fp"]["per_set"] == {"test-clean": {"wer": 25.0, "errors": 1, "words": 4},
+                                        "test-other": {"wer": 100.0, "errors": 1, "words": 1}}
+    assert systems["nf4"]["per_set"]["test-other"] == {"wer": 0.0, "errors": 0, "words": 1}
+    results = {"corpus": "librispeech", "model": "m", "test_speakers": ["a", "b", "c"], "systems": systems,
+               "test_sets": test_sets, "size_bytes": {"fp32": 800, "nf4": 100},
+               "params": {"base": 1000, "lora_per_speaker": 9}}
+    table = markdown(results)
+    assert "| system | test-clean WER (%) | test-other WER (%) |" in table
+    assert "| fp | 25.00 | 100.00 |" in table and "| nf4 | 25.00 | 0.00 |" in table
+
+
 def test_the_machine_that_made_the_model_is_in_the_results(tmp_path):
     """Stage 4 records the machine in fp/family.json; RESULTS.md says it, and a folder without it says nothing."""
     assert made_on(tmp_path) is None

@@ -24,17 +24,19 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
-from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
-from lhotse.audio.utils import AudioLoadingError
 from tqdm import tqdm
 
 from pqm.errors import BadInput, check_safe_id
 from pqm.files import atomic_path
 from pqm.manifests import SETS, write_set, write_speakers
 from pqm.recipes.fsdd import download_fsdd, parse_name, prepare_fsdd
+
+if TYPE_CHECKING:  # lhotse is imported where it is used: run.sh's `pqm.recipes check` needs none of it
+    from lhotse import CutSet, RecordingSet, SupervisionSet
 
 SAMPLE_RATE = 16000
 
@@ -120,6 +122,8 @@ def plan_utterances(
 
 def _load_16k(recordings: RecordingSet, ids: set[str]) -> dict[str, np.ndarray]:
     """Load and resample each needed recording once."""
+    from lhotse.audio.utils import AudioLoadingError
+
     audio = {}
     for rec_id in tqdm(sorted(ids), desc="resample to 16 kHz", unit="rec"):
         rec = recordings[rec_id]
@@ -139,6 +143,8 @@ def make_connected_digits(
     manifest_dir: Path,
 ) -> dict[str, CutSet]:
     """Write the utterances as 16 kHz WAV files plus lhotse manifests; return the cuts."""
+    from lhotse import Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
     plan = plan_utterances(supervisions, cfg)
     words = {s.recording_id: s.text for s in supervisions}
     needed = {r for items in plan.values() for _, _, group in items for r in group}

@@ -25,13 +25,16 @@ import argparse
 import hashlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import soundfile as sf
-from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 
 from pqm.errors import BadInput, check_safe_id
 from pqm.kaldi_table import read_table
 from pqm.manifests import write_speakers, write_utterance_set
+
+if TYPE_CHECKING:  # lhotse is imported where it is used: run.sh's `pqm.recipes check` needs none of it
+    from lhotse import RecordingSet, SupervisionSet
 
 CORPUS = "custom"
 
@@ -75,6 +78,8 @@ def _check_segments(data_dir: Path, wav: dict[str, str], durations: dict[str, fl
 
 def read_kaldi_dir(data_dir: Path) -> tuple[RecordingSet, SupervisionSet]:
     """Check a Kaldi data dir, then make its lhotse manifests (the utterances of ``utt2spk``)."""
+    from lhotse import Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
     needed = "a Kaldi data dir needs wav.scp, text and utt2spk"
     wav, text, utt2spk = (read_table(data_dir / name, needed, allow_bom=False) for name in ("wav.scp", "text", "utt2spk"))
     piped = [r for r, p in wav.items() if p.endswith("|")]
@@ -124,6 +129,8 @@ def read_kaldi_dir(data_dir: Path) -> tuple[RecordingSet, SupervisionSet]:
 
 def load_input(path: Path) -> tuple[RecordingSet, SupervisionSet]:
     """Load a Kaldi data dir or a lhotse cuts manifest, after checking it."""
+    from lhotse import CutSet, RecordingSet, SupervisionSet
+
     if path.is_dir():
         return read_kaldi_dir(path)
     if not path.is_file():
@@ -152,6 +159,8 @@ def load_input(path: Path) -> tuple[RecordingSet, SupervisionSet]:
 
 def split_valid(sups: SupervisionSet, fraction: float) -> tuple[SupervisionSet, SupervisionSet]:
     """Every n-th utterance (by id) for validation, at least one; the rest for training."""
+    from lhotse import SupervisionSet
+
     ordered = sorted(sups, key=lambda s: s.id)
     step = max(1, round(1 / fraction)) if fraction > 0 else len(ordered) + 1
     valid = [s for i, s in enumerate(ordered) if i % step == step - 1] or ordered[-1:]

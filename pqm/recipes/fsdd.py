@@ -16,18 +16,15 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import soundfile as sf
-from lhotse import (
-    Recording,
-    RecordingSet,
-    SupervisionSegment,
-    SupervisionSet,
-    validate_recordings_and_supervisions,
-)
-from lhotse.utils import Pathlike, resumable_download
 
 from pqm.errors import BadInput, MissingInput, check_safe_id
+
+if TYPE_CHECKING:  # lhotse is imported where it is used: run.sh's `pqm.recipes check` needs none of it
+    from lhotse import Recording, RecordingSet, SupervisionSet
+    from lhotse.utils import Pathlike
 
 FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
 FSDD_URL = (
@@ -43,6 +40,8 @@ def download_fsdd(target_dir: Pathlike = "downloads", force_download: bool = Fal
 
     The corpus folder holds ``recordings/*.wav`` as in the upstream repository.
     """
+    from lhotse.utils import resumable_download
+
     target_dir = Path(target_dir)
     target_dir.mkdir(parents=True, exist_ok=True)
     corpus_dir = target_dir / "fsdd"
@@ -79,6 +78,8 @@ def parse_name(stem: str) -> tuple[int, str, int]:
 
 def _recording(path: Path) -> Recording:
     """Build a Recording, turning unreadable audio into an error that names the file."""
+    from lhotse import Recording
+
     fix = "Restore it from the FSDD release (./run.sh --stage 1 with --fsdd-dir pointing at a good copy) or delete it."
     try:
         info = sf.info(str(path))
@@ -98,6 +99,8 @@ def prepare_fsdd(
         written as ``fsdd_{recordings,supervisions}_all.jsonl.gz`` when
         ``output_dir`` is given.
     """
+    from lhotse import RecordingSet, SupervisionSegment, SupervisionSet, validate_recordings_and_supervisions
+
     wav_dir = Path(corpus_dir) / "recordings"
     files = sorted(wav_dir.glob("*.wav"))
     if not files:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lhotse.recipes import download_librispeech, prepare_librispeech
-
 from pqm.errors import BadInput
 from pqm.manifests import write_speakers, write_utterance_set
 from pqm.recipes.speakers import add_split_options, corpus_or_download, split_test_speakers
@@ -28,6 +26,8 @@ def prepare_librispeech_split(corpus_dir: Path, manifest_dir: Path, train_part: 
             adapt_per_speaker: int) -> dict:
     """lhotse's LibriSpeech manifests, split into our sets; write them and ``speakers.json``; return the test
     readers by part."""
+    from lhotse.recipes import prepare_librispeech
+
     parts = prepare_librispeech(corpus_dir, dataset_parts=[train_part, *test_parts])
     missing = [p for p in [train_part, *test_parts] if p not in parts]
     if missing:
@@ -73,6 +73,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def download(a: argparse.Namespace) -> Path:
     """Stage 1: ``--corpus-dir``, or lhotse's download of the parts into ``--download-dir``."""
+    from lhotse.recipes import download_librispeech
+
     return corpus_or_download(a, "LibriSpeech",
                               lambda d: download_librispeech(d, dataset_parts=[a.train_part, *a.test_parts]))
 

@@ -22,13 +22,15 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-
-from lhotse import Recording, SupervisionSegment
+from typing import TYPE_CHECKING
 
 from pqm.errors import BadInput
 from pqm.kaldi_table import read_table
 from pqm.manifests import write_speakers, write_utterance_set
 from pqm.recipes.speakers import add_split_options, split_test_speakers
+
+if TYPE_CHECKING:  # lhotse is imported where it is used: run.sh's `pqm.recipes check` needs none of it
+    from lhotse import Recording, SupervisionSegment
 
 CORPUS = "speechocean762"
 AUDIO_EXTENSIONS = (".WAV", ".wav", ".flac")
@@ -53,6 +55,8 @@ def age_group(age: str | None) -> str:
 
 def read_part(corpus_dir: Path, part: str) -> tuple[list[Recording], list[SupervisionSegment], dict[str, str]]:
     """Recordings, supervisions and ages (``spk2age``) of one part, checked before anything is written."""
+    from lhotse import Recording, SupervisionSegment
+
     folder = corpus_dir / part
     needed = f"speechocean762's {folder.name}/ needs wav.scp, text, utt2spk and spk2age"
     wav, text, utt2spk = (read_table(folder / name, needed) for name in ("wav.scp", "text", "utt2spk"))

@@ -23,8 +23,6 @@ import logging
 import os
 from pathlib import Path
 
-from lhotse.recipes import download_tedlium, prepare_tedlium
-
 from pqm.errors import BadInput
 from pqm.manifests import write_speakers, write_utterance_set
 from pqm.recipes.speakers import add_split_options, corpus_or_download, split_test_speakers
@@ -42,6 +40,8 @@ def _with_text(sups, part: str) -> list:
 
 def prepare_tedlium3_split(corpus_dir: Path, manifest_dir: Path, train_utts: int, adapt_per_speaker: int) -> list[str]:
     """lhotse's TED-LIUM 3 manifests, split into our sets; write them and ``speakers.json``; return the test talks."""
+    from lhotse.recipes import prepare_tedlium
+
     missing = [p for p in PARTS if not (corpus_dir / "legacy" / p / "stm").is_dir()]
     if missing:
         raise BadInput(f"{corpus_dir}: no TED-LIUM 3 part(s) {missing} (expected legacy/<part>/sph/*.sph "
@@ -76,6 +76,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def download(a: argparse.Namespace) -> Path:
     """Stage 1: ``--corpus-dir``, or lhotse's download into ``--download-dir``."""
+    from lhotse.recipes import download_tedlium
+
     if os.environ.get("LHOTSE_AUDIO_BACKEND"):
         logging.info(f"reading .sph with {os.environ['LHOTSE_AUDIO_BACKEND']} (no sph2pipe on PATH)")
     return corpus_or_download(a, "TED-LIUM 3", download_tedlium)
