@@ -41,6 +41,7 @@ sat_init=zero           # SAT LoRA start: zero (peft's default, B = 0) or svd (t
 saml_experts=0          # also saml: at most this many LoRA experts of training-speaker groups and a router over them (0: off)
 saml_epochs=2           # saml: each expert's epochs from SAT on its group (lr: --sat-lr)
 saml_router_epochs=1    # saml: the router's epochs on the training utterances, experts frozen
+saml_router_holdout=false  # saml: SAT one more expert, and the router learns each utterance without its own group's expert
 sa_epochs=10
 sa_utts=0               # per-speaker adaptation on each speaker's first N adaptation utterances (0: all; local/data_amounts.sh)
 sa_lr=0.001
@@ -142,13 +143,15 @@ stage6() {  # SAT; with --saml-experts K also saml: groups of training speakers,
     [ "${saml_experts}" -gt 0 ] || return 0
     local opts_saml=("${opts_nf4[@]}" --cuts "$(cuts train)" --saml-dir "${saml}" --seed "${seed}" \
         --window "${whisper_window}" --max-duration "${sat_max_duration}")
-    python -m pqm.saml groups "${opts_saml[@]}" --experts "${saml_experts}"
+    local holdout=(); [ "${saml_router_holdout}" = false ] || holdout=(--sat-expert "${expdir}/sat")
+    python -m pqm.saml groups "${opts_saml[@]}" --experts "${saml_experts}" "${holdout[@]}"
     local group
     for group in "${saml}"/cuts/expert*.jsonl.gz; do  # names made by pqm.saml, never from speaker ids
         python -m pqm.adapt "${opts_lora[@]}" --init "${expdir}/sat" --cuts "${group}" --epochs "${saml_epochs}" \
             --lr "${sat_lr}" --max-duration "${sat_max_duration}" --out "${saml}/experts/$(basename "${group}" .jsonl.gz)"
     done
-    python -m pqm.saml router "${opts_saml[@]}" --epochs "${saml_router_epochs}"
+    [ "${saml_router_holdout}" = false ] || holdout=(--hold-out-own-expert)
+    python -m pqm.saml router "${opts_saml[@]}" --epochs "${saml_router_epochs}" "${holdout[@]}"
 }
 
 adapted=(pqm nf4_sa); [ "${unsup}" = false ] || adapted+=(pqm_unsup)  # the per-speaker systems (pqm/systems.py)

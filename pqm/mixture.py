@@ -86,8 +86,13 @@ class Mixture:
         """Per-row mixtures for :class:`pqm.lora.RowAdapters` from a (rows, experts) weight matrix."""
         return [dict(zip(self.names, row)) for row in weights]
 
-    def weights(self, means: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.router(means), -1)
+    def weights(self, means: torch.Tensor, held_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The router's softmax over the experts of each row's mean encoder output; experts that
+        ``held_out`` (a bool per expert) marks get weight 0 (training with ``--hold-out-own-expert``)."""
+        logits = self.router(means)
+        if held_out is not None:
+            logits = logits.masked_fill(held_out.to(logits.device), float("-inf"))
+        return torch.softmax(logits, -1)
 
     @torch.no_grad()
     def route(self, rec, models: ModuleType, cuts: list) -> list[dict[str, float]]:

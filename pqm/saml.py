@@ -13,6 +13,11 @@ Made in stage 6 after SAT when ``--saml-experts K`` > 0 (SAML, arXiv 2406.19706,
    weight (:class:`pqm.lora.RowAdapters`). Writes
    ``<saml>/router.safetensors`` and ``<saml>/router.json`` (experts, base fingerprint, losses, size).
 
+With ``groups --sat-expert <sat>`` the SAT adapter is one more expert, ``sat`` (a copy, of no group), and with
+``router --hold-out-own-expert`` each training utterance is routed as a test speaker's would be: without the
+expert of its own speaker's group (batches of one group each), so the router learns what to do for a speaker
+no expert has heard, among the other groups' experts and SAT (run.sh ``--saml-router-holdout true``).
+
 Stage 8's ``saml`` system (:class:`pqm.mixture.Mixture`) routes each evaluation utterance and decodes it through its
 mixture; the test speaker's adaptation data is never read. Stage 7's ``saml_sa`` starts each speaker's adapter from
 the experts merged at the mean of the router's weights over the speaker's adaptation audio.
@@ -22,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
+import shutil
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from lhotse import CutSet
@@ -38,9 +46,20 @@ from pqm.mixture import GROUPS, MADE_BY, ROUTER, ROUTER_META, Mixture, base_net,
 from pqm.nf4 import to_nf4
 
 
+SAT_EXPERT = "sat"  # the SAT adapter as an expert of no group (groups --sat-expert)
+
+
 def expert_names(k: int) -> list[str]:
     """Expert folder names: numbered, never built from a speaker id."""
     return [f"expert{i + 1:02d}" for i in range(k)]
+
+
+def copy_sat_expert(sat_dir: Path, saml_dir: Path) -> None:
+    """The SAT adapter's files as the expert ``sat`` (``<saml>/experts/sat``)."""
+    with atomic_path(saml_dir / "experts" / SAT_EXPERT) as tmp:
+        tmp.mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json", META):
+            shutil.copy2(require(sat_dir / name, "stage 6 (SAT)"), tmp / name)
 
 
 def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 50) -> list[int]:
@@ -74,9 +93,12 @@ def groups(a: argparse.Namespace) -> None:
         raise BadInput(f"{a.cuts} holds no training utterances: rerun stage 2 (manifests)")
     k = min(a.experts, len(speakers))
     key = {"cuts": ids_digest(c.id for c in cuts), "experts": k, "nf4": read_json(a.nf4_dir / "nf4.json")["fingerprint"],
-           **({} if k == len(speakers) else {"max_utts_per_speaker": a.max_utts_per_speaker, "seed": a.seed})}
+           **({} if k == len(speakers) else {"max_utts_per_speaker": a.max_utts_per_speaker, "seed": a.seed}),
+           **({"sat_expert": file_digest(require(a.sat_expert / "adapter_model.safetensors", "stage 6 (SAT)"))}
+              if a.sat_expert else {})}
     done = a.saml_dir / GROUPS
-    if done.exists() and read_json(done).get("run_key") == key and (a.saml_dir / "cuts").is_dir():
+    sat_copied = not a.sat_expert or (a.saml_dir / "experts" / SAT_EXPERT).is_dir()
+    if done.exists() and read_json(done).get("run_key") == key and (a.saml_dir / "cuts").is_dir() and sat_copied:
         logging.info(f"{done} was already made from these cuts and settings: nothing to do")
         return
     if k == len(speakers):
@@ -94,6 +116,9 @@ def groups(a: argparse.Namespace) -> None:
         tmp.mkdir()
         for name, group in members.items():
             cuts.filter(lambda c, group=set(group): c.supervisions[0].speaker in group).to_file(tmp / f"{name}.jsonl.gz")
+    if a.sat_expert:
+        copy_sat_expert(a.sat_expert, a.saml_dir)
+        members[SAT_EXPERT] = []
     write_json(done, {"experts": members, "how": how, "cuts": str(a.cuts), "run_key": key})
     for name, group in members.items():
         logging.info(f"{name}: {len(group)} speakers ({', '.join(group[:5])}{', ...' if len(group) > 5 else ''})")
@@ -102,14 +127,40 @@ def groups(a: argparse.Namespace) -> None:
 def router_key(a: argparse.Namespace, names: list[str], cuts: CutSet) -> dict:
     return {"experts": {n: file_digest(a.saml_dir / "experts" / n / "adapter_model.safetensors") for n in names},
             "nf4": read_json(a.nf4_dir / "nf4.json")["fingerprint"], "utterances": ids_digest(c.id for c in cuts),
-            **{k: getattr(a, k) for k in ("epochs", "lr", "batch_size", "max_duration", "window", "seed")}}
+            **{k: getattr(a, k) for k in ("epochs", "lr", "batch_size", "max_duration", "window", "seed")},
+            **({"hold_out_own_expert": True} if a.hold_out_own_expert else {})}
+
+
+def held_out_batches(iterate: Callable[..., Iterator[dict]], cuts: CutSet, members: dict[str, list[str]],
+                     names: list[str], epoch: int, seed: int) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Batches of one expert group's cuts each, the groups drawn at random in proportion to the utterances
+    they have left, each with its mask over ``names``: the group's own expert held out (``iterate`` is the
+    family's batch iterator with the other arguments bound)."""
+    group_of = {s: name for name, speakers in members.items() for s in speakers}
+    groups = {name: cuts.filter(lambda c, name=name: group_of[c.supervisions[0].speaker] == name).to_eager()
+              for name in members if members[name]}
+    if len(names) - 1 < 1 or any(len(g) == 0 for g in groups.values()):
+        raise BadInput("--hold-out-own-expert needs another expert than each group's own: give --sat-expert, or K >= 2")
+    left = {name: len(g) for name, g in groups.items()}
+    batches = {name: iter(iterate(g, epoch=epoch, seed=seed)) for name, g in groups.items()}
+    masks = {name: torch.tensor([n == name for n in names]) for name in groups}
+    rng = random.Random(seed * 1000 + epoch)
+    while batches:
+        name = rng.choices(list(batches), weights=[left[n] for n in batches])[0]
+        batch = next(batches[name], None)
+        if batch is None:
+            del batches[name]
+            continue
+        left[name] = max(1, left[name] - len(next(iter(batch.values()))))
+        yield batch, masks[name]
 
 
 def router(a: argparse.Namespace) -> None:
     """Step 3: train the router on the training cuts, the experts frozen."""
     torch.manual_seed(a.seed)
     cuts = CutSet.from_file(require(a.cuts, "stage 2 (manifests)")).to_eager()
-    names = list(read_json(a.saml_dir / GROUPS, MADE_BY)["experts"])
+    members = read_json(a.saml_dir / GROUPS, MADE_BY)["experts"]
+    names = list(members)
     key = router_key(a, names, cuts)
     if (a.saml_dir / ROUTER_META).exists() and read_json(a.saml_dir / ROUTER_META).get("run_key") == key:
         logging.info(f"{a.saml_dir / ROUTER} was already trained from these experts and settings: nothing to do")
@@ -130,19 +181,28 @@ def router(a: argparse.Namespace) -> None:
     torch.nn.init.zeros_(mixture.router.weight)  # every expert at 1/K to start
     torch.nn.init.zeros_(mixture.router.bias)
     optim = torch.optim.AdamW(mixture.router.parameters(), lr=a.lr, weight_decay=0.0)
-    batches_of = models.batch_iterator(a.fp_dir, a.window)
+    batch_iterator = models.batch_iterator(a.fp_dir, a.window)
+
+    def batches_of(cuts: CutSet, epoch: int, seed: int) -> Iterator[dict]:
+        return batch_iterator(cuts, a.batch_size, epoch=epoch, seed=seed, max_duration=a.max_duration)
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[dict, torch.Tensor | None]]:
+        if a.hold_out_own_expert:
+            return held_out_batches(batches_of, cuts, members, names, epoch, a.seed)
+        return ((batch, None) for batch in batches_of(cuts, epoch, a.seed))
+
     timer.done("load the model and the experts")
     losses = []
     for epoch in range(a.epochs):
         model.train()
         freeze_batchnorm(model)
         total = count = 0
-        for batch in tqdm(batches_of(cuts, a.batch_size, epoch=epoch, seed=a.seed, max_duration=a.max_duration),
-                          desc=f"router epoch {epoch + 1}/{a.epochs}", unit="batch", mininterval=5):
+        for batch, held_out in tqdm(epoch_batches(epoch), desc=f"router epoch {epoch + 1}/{a.epochs}", unit="batch",
+                                    mininterval=5):
             batch = {k: v.to(a.device) for k, v in batch.items()}
             with torch.no_grad(), model.disable_adapter():
                 means = models.encoder_mean(base_net(model), batch)
-            with RowAdapters(model, mixture.rows(mixture.weights(means))):
+            with RowAdapters(model, mixture.rows(mixture.weights(means, held_out))):
                 loss = model(**batch)[0]
             optim.zero_grad()
             loss.backward()
@@ -170,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--saml-dir", type=Path, required=True, help="where the groups, experts and router are")
     p.add_argument("--experts", type=int, default=4, help="groups: at most this many experts")
     p.add_argument("--max-utts-per-speaker", type=int, default=20, help="groups: utterances a speaker for k-means")
+    p.add_argument("--sat-expert", type=Path, help="groups: also this SAT adapter folder as the expert 'sat'")
+    p.add_argument("--hold-out-own-expert", action="store_true",
+                   help="router: route each training utterance without its own group's expert (as an unseen speaker)")
     p.add_argument("--epochs", type=int, default=1, help="router: training epochs")
     p.add_argument("--lr", type=float, default=3e-3, help="router: learning rate")
     p.add_argument("--batch-size", type=int, default=16)

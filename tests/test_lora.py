@@ -196,3 +196,36 @@ def test_kmeans_finds_separated_groups():
     assert groups == {(0,) * 5, (1,) * 5, (2,) * 5}
     assert assign[0] == 0 and sorted(set(assign)) == [0, 1, 2]
     assert expert_names(2) == ["expert01", "expert02"]
+
+
+def test_held_out_router_batches_are_of_one_group_without_its_expert():
+    """saml's --hold-out-own-expert: every cut comes once, in batches of one group's cuts, each with a mask
+    that holds out exactly that group's expert; with one expert and no SAT there is nothing to route to."""
+    from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
+
+    from pqm.errors import BadInput
+    from pqm.saml import held_out_batches
+
+    def cut(i: int, speaker: str) -> MonoCut:
+        rec = Recording(id=f"r{i}", sources=[], sampling_rate=16000, num_samples=16000, duration=1.0)
+        return MonoCut(id=f"c{i}", start=0, duration=1.0, channel=0, recording=rec,
+                       supervisions=[SupervisionSegment(id=f"s{i}", recording_id=f"r{i}", start=0, duration=1.0,
+                                                        speaker=speaker)])
+
+    speakers = ["ann", "bob", "cy"] * 7
+    cuts = CutSet.from_cuts(cut(i, s) for i, s in enumerate(speakers))
+    members = {"expert01": ["ann", "cy"], "expert02": ["bob"], "sat": []}
+    names = list(members)
+
+    def iterate(group, epoch, seed):  # batches of 2: their cut ids kept for the check
+        ids = [c.id for c in group]
+        return ({"ids": torch.tensor([int(i[1:]) for i in ids[k:k + 2]])} for k in range(0, len(ids), 2))
+
+    seen = []
+    for batch, mask in held_out_batches(iterate, cuts, members, names, epoch=0, seed=0):
+        group = {"expert01" if speakers[i] in ("ann", "cy") else "expert02" for i in batch["ids"].tolist()}
+        assert len(group) == 1 and mask.tolist() == [n in group for n in names]
+        seen += batch["ids"].tolist()
+    assert sorted(seen) == list(range(len(speakers)))
+    with pytest.raises(BadInput, match="needs another expert"):
+        next(held_out_batches(iterate, cuts, {"expert01": ["ann", "bob", "cy"]}, ["expert01"], epoch=0, seed=0))

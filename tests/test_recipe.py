@@ -119,6 +119,28 @@ def test_saml_mixes_an_expert_of_each_training_speaker(recipe):
         assert abs(sum(info["mean_weights"].values()) - 1) < 1e-3 and "fallback" not in info
 
 
+def test_saml_router_can_hold_out_each_speakers_own_expert(recipe, tmp_path):
+    """--saml-router-holdout: SAT becomes the expert 'sat' (a copy, of no group) and the router learns each
+    training utterance without its own speaker's expert: jackson's batches mix theo's expert and SAT."""
+    from pqm.mixture import Mixture
+    from pqm.saml import main
+
+    exp, saml = recipe["exp"], tmp_path / "saml"
+    shutil.copytree(exp / "saml" / "experts", saml / "experts")
+    common = ["--fp-dir", str(exp / "fp"), "--nf4-dir", str(exp / "nf4"), "--saml-dir", str(saml),
+              "--cuts", str(recipe["data"] / "manifests" / "fsdd_cuts_train.jsonl.gz")]
+    main(["groups", *common, "--sat-expert", str(exp / "sat")])
+    groups = json.loads((saml / "groups.json").read_text())
+    assert groups["experts"] == {"expert01": ["jackson"], "expert02": ["theo"], "sat": []}
+    sat = (exp / "sat" / "adapter_model.safetensors").read_bytes()
+    assert (saml / "experts" / "sat" / "adapter_model.safetensors").read_bytes() == sat
+    main(["router", *common, "--hold-out-own-expert"])
+    router = json.loads((saml / "router.json").read_text())
+    assert router["experts"] == ["expert01", "expert02", "sat"] and router["run_key"]["hold_out_own_expert"]
+    assert load_file(saml / "router.safetensors")["weight"].shape == (3, 64)
+    assert router["bytes"] == Mixture.size(saml) and Mixture.size(saml) > Mixture.size(exp / "saml") + len(sat)
+
+
 def test_saml_sa_starts_from_the_merged_experts(recipe):
     """Stage 7's saml_sa: nicolas's adapter starts from both experts merged (rank 2 x 8) at his mean routing
     weights and trains on his speech; george (no adaptation data) falls back to saml, decoded as saml."""
