@@ -143,15 +143,15 @@ stage6() {  # SAT; with --saml-experts K also saml: groups of training speakers,
     [ "${saml_experts}" -gt 0 ] || return 0
     local opts_saml=("${opts_nf4[@]}" --cuts "$(cuts train)" --saml-dir "${saml}" --seed "${seed}" \
         --window "${whisper_window}" --max-duration "${sat_max_duration}")
-    local holdout=(); [ "${saml_router_holdout}" = false ] || holdout=(--sat-expert "${expdir}/sat")
-    python -m pqm.saml groups "${opts_saml[@]}" --experts "${saml_experts}" "${holdout[@]}"
+    local sat_expert=() hold_out=()
+    [ "${saml_router_holdout}" = false ] || { sat_expert=(--sat-expert "${expdir}/sat"); hold_out=(--hold-out-own-expert); }
+    python -m pqm.saml groups "${opts_saml[@]}" --experts "${saml_experts}" "${sat_expert[@]}"
     local group
     for group in "${saml}"/cuts/expert*.jsonl.gz; do  # names made by pqm.saml, never from speaker ids
         python -m pqm.adapt "${opts_lora[@]}" --init "${expdir}/sat" --cuts "${group}" --epochs "${saml_epochs}" \
             --lr "${sat_lr}" --max-duration "${sat_max_duration}" --out "${saml}/experts/$(basename "${group}" .jsonl.gz)"
     done
-    [ "${saml_router_holdout}" = false ] || holdout=(--hold-out-own-expert)
-    python -m pqm.saml router "${opts_saml[@]}" --epochs "${saml_router_epochs}" "${holdout[@]}"
+    python -m pqm.saml router "${opts_saml[@]}" --epochs "${saml_router_epochs}" "${hold_out[@]}"
 }
 
 adapted=(pqm nf4_sa); [ "${unsup}" = false ] || adapted+=(pqm_unsup)  # the per-speaker systems (pqm/systems.py)

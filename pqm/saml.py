@@ -139,7 +139,7 @@ def held_out_batches(iterate: Callable[..., Iterator[dict]], cuts: CutSet, membe
     group_of = {s: name for name, speakers in members.items() for s in speakers}
     groups = {name: cuts.filter(lambda c, name=name: group_of[c.supervisions[0].speaker] == name).to_eager()
               for name in members if members[name]}
-    if len(names) - 1 < 1 or any(len(g) == 0 for g in groups.values()):
+    if len(names) < 2:
         raise BadInput("--hold-out-own-expert needs another expert than each group's own: give --sat-expert, or K >= 2")
     left = {name: len(g) for name, g in groups.items()}
     batches = {name: iter(iterate(g, epoch=epoch, seed=seed)) for name, g in groups.items()}
