@@ -51,6 +51,7 @@ unsup_keep=0.3          # pqm_unsup: the fraction of those hypotheses kept as ta
 unsup_labeller=nf4_sat  # pqm_unsup: whose hypotheses: nf4_sat's (the adapter's start) or saml's (needs --saml-experts)
 unsup_rounds=1          # pqm_unsup: rounds of self-training, each after the first on the hypotheses of the round before's adapter
 unsup_token_floor=0     # pqm_unsup: mask the tokens of a kept hypothesis below this probability out of the loss (0: off; README)
+unsup_prior=0           # pqm_unsup: label under a per-speaker token bias towards the training transcripts' token prior, estimated in N decodings (0: off; Conformer only; README)
 sa_holdout=0            # do no harm: hold out N adaptation utterances per speaker, keep the best epoch if no worse there (0: off)
 unsup_holdout=0         # pqm_unsup's own: hold out N, judged by the loss of the labeller's hypotheses of them (0: off; README)
 whisper_window=trimmed  # whisper LoRA training (and the adapted systems' decoding): trimmed or padded (30 s) input
@@ -78,6 +79,8 @@ options() {  # every option of the list above (and "$@") as a "--name value" lin
 python -m pqm.stages --options "$(options)" validate || exit 1
 [ "${unsup_labeller}" = nf4_sat ] || [ "${saml_experts}" -gt 0 ] \
     || die "--unsup-labeller ${unsup_labeller}: saml decodes only with --saml-experts K > 0 (stage 6 makes it)"
+[ "${unsup_prior}" -eq 0 ] || [ "${model}" != whisper ] \
+    || die "--unsup-prior ${unsup_prior}: Whisper's decoding takes no token bias (the Conformer's does); use 0"
 [ "${cmd_backend}" = local ] || python -m pqm.slurm --check "${cluster_config}" || die "--cmd-backend slurm: fix the above first"
 expdir=${expdir:-exp/${corpus}_${model}}
 corpus_info=$(python -m pqm.recipes check --corpus "${corpus}" --datadir "${datadir}" --corpus-opts "${corpus_opts}") \
@@ -160,7 +163,7 @@ stage7() {  # one job per speaker trains every system's adapter; a failed one st
     speaker_jobs adapt python -m pqm.adapt_speakers "${opts_lora[@]}" --sat-dir "${expdir}/sat" --saml-dir "${saml}" \
         --systems "${adapted[@]}" --holdout "${sa_holdout}" --unsup-holdout "${unsup_holdout}" \
         --unsup-labeller "${unsup_labeller}" --pseudo-keep "${unsup_keep}" --pseudo-rounds "${unsup_rounds}" \
-        --pseudo-token-floor "${unsup_token_floor}" \
+        --pseudo-token-floor "${unsup_token_floor}" --pseudo-prior-iters "${unsup_prior}" --pseudo-prior-cuts "$(cuts train)" \
         --cuts "$(cuts adapt)" --max-utts "${sa_utts}" --epochs "${sa_epochs}" --lr "${sa_lr}" --lr-schedule "${sa_lr_schedule}" \
         --ctc-weight "${ctc_weight}" --adapters "${expdir}/adapters" || die "adaptation failed for the speakers listed above; rerun stage 7 to redo only those"
 }

@@ -28,7 +28,10 @@ the training utterances (greedy, 30 s window) where the style needs them.
 are the starting model's own most confident hypotheses (``pqm.pseudo_labels``;
 with ``--pseudo-token-floor P``, their tokens below probability P masked out of
 the loss), or with ``--pseudo-saml`` those of ``saml`` (:func:`saml_labeller`);
-the held-out judge's references then come from ``saml`` too.
+the held-out judge's references then come from ``saml`` too. With
+``--pseudo-prior-iters N`` the labeller decodes under a per-speaker token bias
+estimated in N iterations towards the token prior of ``--pseudo-prior-cuts``
+(the training transcripts; :func:`pqm.pseudo_labels.prior_bias`).
 
 Training state is checkpointed after every epoch (``.<out>.checkpoint``), so a
 killed job resumes where it stopped; an adapter already trained with the same
@@ -49,6 +52,7 @@ import os
 import resource
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -72,7 +76,7 @@ from pqm.lora import (BASE_WINDOW, INITS, META, LoraSettings, adapter_window, ad
 from pqm.mixture import Mixture, mixture_key, mixture_window
 from pqm.nf4 import count_params, to_nf4
 from pqm.recipes import split_digits
-from pqm.pseudo_labels import pseudo_labelled, target_loss, with_text
+from pqm.pseudo_labels import prior_bias, pseudo_labelled, target_loss, token_counts, with_text
 from pqm.restyle import STYLES, restyle
 from pqm.score import count_errors
 
@@ -136,6 +140,8 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         **({"pseudo_labeller": mixture_key(a.pseudo_saml)} if a.targets == "pseudo" and a.pseudo_saml else {}),
         **({"pseudo_rounds": a.pseudo_rounds} if a.targets == "pseudo" and a.pseudo_rounds > 1 else {}),
         **({"pseudo_token_floor": a.pseudo_token_floor} if a.targets == "pseudo" and a.pseudo_token_floor else {}),
+        **({"pseudo_prior_iters": a.pseudo_prior_iters, "pseudo_prior": file_digest(a.pseudo_prior_cuts)}
+           if a.targets == "pseudo" and a.pseudo_prior_iters else {}),
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
         **({"max_duration": a.max_duration} if a.max_duration > 0 else {}),
         # a new LoRA's epoch 0 is the bare model, decoded in its 30 s window (held_out_errors)
@@ -359,6 +365,11 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pseudo-token-floor", type=float, default=0.0,
                    help="--targets pseudo: leave out of the attention loss the tokens of a kept hypothesis whose "
                         "probability under the labeller is below this (STAR-style masking; 0: off)")
+    p.add_argument("--pseudo-prior-iters", type=int, default=0,
+                   help="--targets pseudo: label under a per-speaker token bias, estimated in this many decodings, "
+                        "that brings the hypotheses' token frequencies to --pseudo-prior-cuts' (0: off; ESPnet only)")
+    p.add_argument("--pseudo-prior-cuts", type=Path, default=None,
+                   help="--pseudo-prior-iters: cuts whose transcripts give the token prior (the training set's)")
     p.add_argument("--holdout", type=int, default=0,
                    help="do no harm: hold out the speaker's last N utterances and keep the best epoch only "
                         "if it is no worse there than the starting adapter (0: off)")
@@ -378,6 +389,10 @@ def check_training_options(p: argparse.ArgumentParser, a: argparse.Namespace) ->
         p.error(f"--pseudo-keep {a.pseudo_keep}: a fraction in (0, 1] is needed")
     if not 0 <= a.pseudo_token_floor < 1:
         p.error(f"--pseudo-token-floor {a.pseudo_token_floor}: a probability in [0, 1) is needed (0: off)")
+    if a.pseudo_prior_iters < 0:
+        p.error(f"--pseudo-prior-iters {a.pseudo_prior_iters}: a number >= 0 is needed (0: off)")
+    if a.pseudo_prior_iters and a.pseudo_prior_cuts is None:
+        p.error("--pseudo-prior-iters needs --pseudo-prior-cuts (the training cuts, whose transcripts give the prior)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -490,6 +505,18 @@ def held_out_pseudo_loss(rec, cuts: CutSet, batches_of: Callable, per_token: Cal
     return evaluate
 
 
+def training_prior(a: argparse.Namespace, rec) -> Counter:
+    """The token counts of ``--pseudo-prior-cuts``' transcripts in ``rec``'s tokens (``pqm_unsup``'s prior)."""
+    if not hasattr(rec, "set_token_bias"):
+        raise BadInput(f"--pseudo-prior-iters {a.pseudo_prior_iters}: the {family_of(a.fp_dir)} family's decoding "
+                       "takes no token bias (ESPnet models only); use 0")
+    prior = token_counts((c.supervisions[0].text or "" for c in CutSet.from_file(
+        require(a.pseudo_prior_cuts, "stage 2 (manifests)"))), rec.tokens)
+    if not prior:
+        raise BadInput(f"{a.pseudo_prior_cuts}: no transcript to take a token prior from; rerun stage 2 (manifests)")
+    return prior
+
+
 def saml_labeller(a: argparse.Namespace, models, cuts: CutSet) -> tuple[object, dict[str, dict[str, float]], Callable]:
     """``saml`` as ``pqm_unsup``'s labeller (``--pseudo-saml``): a second NF4 model with saml's experts loaded,
     each cut's routing weights over them (as stage 8 decodes ``saml``), and batches in the experts' window."""
@@ -563,13 +590,16 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     batches_of = models.batch_iterator(a.fp_dir, a.window)
     unlabelled = train_cuts
     masking = {"token_floor": a.pseudo_token_floor, "token_probs": models.token_probs}
+    prior = training_prior(a, rec) if a.targets == "pseudo" and a.pseudo_prior_iters else None
+    bias = None
     if a.targets == "pseudo":
         labeller, routes, label_batches = saml_labeller(a, models, cuts) if a.pseudo_saml else (rec, None, batches_of)
+        bias = prior_bias(labeller, train_cuts, prior, a.pseudo_prior_iters, routes) if prior else None
         train_cuts, pseudo = pseudo_labelled(labeller, train_cuts, label_batches, models.token_loss, a.pseudo_keep,
-                                             a.device, routes, **masking)
+                                             a.device, routes, token_bias=bias, **masking)
         if held_out:  # every usable hypothesis of the held-out audio is a reference there
             held_out, held_pseudo = pseudo_labelled(labeller, held_out, label_batches, models.token_loss, 1.0,
-                                                    a.device, routes)
+                                                    a.device, routes, token_bias=bias)
             pseudo.update({cut_id: {**r, "kept": False, "held_out": True} for cut_id, r in held_pseudo.items()})
         del labeller
         timer.done("pseudo-labels")
@@ -599,13 +629,16 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     for r, checkpoint in enumerate(checkpoints, 1):
         if r > 1:  # self-training: this round's adapter labels the audio anew, and training starts again from the start
             begin = time.time()
+            round_bias = prior_bias(rec, unlabelled, prior, a.pseudo_prior_iters) if prior else None
             relabelled, report = pseudo_labelled(rec, unlabelled, batches_of, models.token_loss, a.pseudo_keep, a.device,
-                                                 **masking)
+                                                 token_bias=round_bias, **masking)
             relabel_seconds += time.time() - begin
             if len(relabelled) == 0:
                 logging.warning(f"speaker {speaker}: round {r}: no usable hypothesis; keeping round {r - 1}'s adapter")
                 break
-            earlier_rounds.append({"utterances": len(train_cuts), "loss_per_epoch": losses, "pseudo_labels": pseudo})
+            earlier_rounds.append({"utterances": len(train_cuts), "loss_per_epoch": losses, "pseudo_labels": pseudo,
+                                   **({"token_bias": bias} if bias else {})})
+            bias = round_bias
             held = {cut_id: row for cut_id, row in pseudo.items() if row.get("held_out")}
             train_cuts, pseudo = relabelled, {**report, **held}
             set_peft_model_state_dict(model, start_state)
@@ -632,7 +665,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
     }
     if a.targets == "pseudo":
         meta.update(targets="pseudo", pseudo_labeller=f"saml {a.pseudo_saml}" if a.pseudo_saml else "start",
-                    pseudo_labels=pseudo)
+                    pseudo_labels=pseudo, **({"pseudo_token_bias": bias} if bias else {}))
         if rounds > 1:  # the rounds before the last, each labelled by the one before it (the first by the labeller)
             meta.update(pseudo_rounds=len(earlier_rounds) + 1, earlier_rounds=earlier_rounds)
     if mixing:

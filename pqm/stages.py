@@ -37,19 +37,20 @@ STAGE_INPUTS = {
     6: "lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc sat_init "
        "sat_max_duration saml_experts saml_epochs saml_router_epochs saml_router_holdout",
     7: "sa_epochs sa_utts sa_lr sa_lr_schedule sa_holdout ctc_weight unsup unsup_keep unsup_holdout unsup_labeller "
-       "unsup_rounds unsup_token_floor",
+       "unsup_rounds unsup_token_floor unsup_prior",
     8: "beam_size whisper_max_tokens_per_second", 9: "",
 }
 # Options added after markers were first written, with the value that does what pqm did before them: a marker
 # that does not record one counts as done with that value.
 ADDED_LATER = {"nf4_unquantised_dtype": "float32", "sat_max_duration": "0", "sa_utts": "0", "saml_experts": "0",
                "saml_epochs": "2", "saml_router_epochs": "1", "saml_router_holdout": "false", "unsup_holdout": "0",
-               "unsup_labeller": "nf4_sat", "unsup_rounds": "1", "unsup_token_floor": "0"}
+               "unsup_labeller": "nf4_sat", "unsup_rounds": "1", "unsup_token_floor": "0",
+               "unsup_prior": "0"}
 # The values run.sh's options may take (the whole value matches), and what to give instead.
 RULES = {
     "stage stop_stage": ("[1-9]", "stages are 1..9"),
     "nj ngpu sat_epochs sa_epochs saml_epochs saml_router_epochs lora_r lora_alpha beam_size unsup_rounds": ("[1-9][0-9]*", "a positive integer is needed"),
-    "threads sat_nproc sa_holdout unsup_holdout sa_utts saml_experts": ("[0-9]+", "a number >= 0 is needed"),
+    "threads sat_nproc sa_holdout unsup_holdout sa_utts saml_experts unsup_prior": ("[0-9]+", "a number >= 0 is needed"),
     "whisper_max_tokens_per_second sat_max_duration": ("[0-9]+([.][0-9]+)?", "a number >= 0 is needed"),
     "unsup_keep": ("0?[.][0-9]*[1-9][0-9]*|1|1[.]0*", "a fraction in (0, 1] is needed"),
     "unsup_token_floor": ("0|0?[.][0-9]+", "a probability in [0, 1) is needed (0: off)"),

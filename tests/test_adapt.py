@@ -206,6 +206,59 @@ def test_pseudo_labels_never_read_the_transcripts(setup, tmp_path, capsys):
     assert "--pseudo-token-floor 1.0: a probability in [0, 1) is needed" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
+def test_pseudo_labels_under_the_training_token_prior(setup, tmp_path, capsys):
+    """--pseudo-prior-iters: ESPnet's own beam search takes the token bias (a large one on one word makes every
+    hypothesis that word alone; none gives the plain hypotheses back); each iteration of the bias adds half the
+    log ratio of the training transcripts' token prior to the frequency of the tokens in the hypotheses decoded
+    under the bias so far; pqm_unsup's labels are decoded under it, and it is reported and in the run key."""
+    import math
+    from collections import Counter
+
+    from lhotse import CutSet
+
+    from pqm.families import family
+    from pqm.pseudo_labels import PRIOR_STEP, prior_bias, token_counts
+
+    tmp, fp_dir = setup
+    cuts = CutSet.from_file(tmp / "manifests" / "fsdd_cuts_adapt.jsonl.gz").subset(first=4)
+    train = tmp / "manifests" / "fsdd_cuts_train.jsonl.gz"
+    rec = family(fp_dir).recognizer(fp_dir, "cpu", beam_size=1, ctc_weight=0.5)
+    plain = rec.transcribe(cuts, desc="plain")
+    rec.set_token_bias({"five": 10.0})
+    fives = rec.transcribe(cuts, desc="five")
+    assert all(h and set(h.split()) == {"five"} for h in fives.values()), fives
+    rec.set_token_bias({})
+    assert rec.transcribe(cuts, desc="plain again") == plain
+
+    prior = token_counts((c.supervisions[0].text for c in CutSet.from_file(train)), rec.tokens)
+    assert set(prior) <= {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+
+    def step(bias: dict, hyps: dict) -> dict:
+        counts = Counter(w for h in hyps.values() for w in h.split())
+        seen, total = sum(counts[t] for t in prior), sum(prior.values())
+        return {t: bias.get(t, 0.0) + PRIOR_STEP * (math.log(n / total) - math.log((counts[t] + 1) / (seen + len(prior))))
+                for t, n in prior.items()}
+
+    first = prior_bias(rec, cuts, prior, 1)
+    assert first == pytest.approx(step({}, plain))
+    rec.set_token_bias(first)
+    expected = step(first, rec.transcribe(cuts, desc="under the first"))
+    rec.set_token_bias({})
+    assert prior_bias(rec, cuts, prior, 2) == pytest.approx(expected)
+    assert rec.transcribe(cuts, desc="left without a bias") == plain
+
+    adapt(setup, tmp_path / "init", 1)
+    pseudo = ("--init", str(tmp_path / "init"), "--targets", "pseudo", "--pseudo-keep", "0.5")
+    adapt(setup, tmp_path / "p", 1, *pseudo, "--pseudo-prior-iters", "2", "--pseudo-prior-cuts", str(train))
+    meta = json.loads((tmp_path / "p" / "pqm_adapter.json").read_text())
+    assert set(meta["pseudo_token_bias"]) == set(prior) and meta["run_key"]["pseudo_prior_iters"] == 2
+    assert len(meta["run_key"]["pseudo_prior"]) > 8 and len(meta["pseudo_labels"]) == 12
+    with pytest.raises(SystemExit):
+        adapt(setup, tmp_path / "c", 1, *pseudo, "--pseudo-prior-iters", "2")
+    assert "--pseudo-prior-iters needs --pseudo-prior-cuts" in capsys.readouterr().err
+
+
 def test_fp_hypotheses_are_read_from_a_cache_that_holds_them(tmp_path):
     """saml's experts train on subsets of SAT's utterances: their model-style targets' fp hypotheses are read
     from SAT's cache where it holds every one of them from the same fp model, else decoded (and cached)."""

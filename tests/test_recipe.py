@@ -482,9 +482,12 @@ def test_bad_options_and_missing_inputs(tmp_path):
                                    ("--sa-holdout", "x", "a number >= 0 is needed"),
                                    ("--nf4-embeddings", "maybe", "use true or false"),
                                    ("--nf4-double-quant", "yes", "use true or false"),
-                                   ("--unsup-labeller", "fp", "use nf4_sat or saml")):
+                                   ("--unsup-labeller", "fp", "use nf4_sat or saml"),
+                                   ("--unsup-prior", "-1", "a number >= 0 is needed")):
         proc = run_sh(option, value, "--expdir", str(tmp_path / "refused"), check=False)
         assert proc.returncode != 0 and f"{option} {value}: {message}" in proc.stderr, option
     proc = run_sh("--unsup-labeller", "saml", "--expdir", str(tmp_path / "refused"), check=False)
     assert proc.returncode != 0 and "saml decodes only with --saml-experts K > 0" in proc.stderr
+    proc = run_sh("--model", "whisper", "--unsup-prior", "2", "--expdir", str(tmp_path / "refused"), check=False)
+    assert proc.returncode != 0 and "--unsup-prior 2: Whisper's decoding takes no token bias" in proc.stderr
     assert not (tmp_path / "refused").exists()  # refused before anything was written

@@ -21,7 +21,8 @@ need to know about one kind of model, as module-level names:
   forward's ``output``; the batch iterator takes the same tokens' ``token_mask`` (:mod:`pqm.batches`);
 - ``encoder_mean(model, batch)``: each utterance's mean encoder output (``saml``'s router reads it);
 - ``recognizer(fp_dir, device, beam_size, ctc_weight)``: decoding (``transcribe(cuts, ...)``), and
-  ``inputs(cuts)``: the encoder's input of cuts, one batch;
+  ``inputs(cuts)``: the encoder's input of cuts, one batch; where the family's decoding can be biased (ESPnet),
+  also ``tokens(text)`` and ``set_token_bias(bias)`` (``pqm_unsup``'s token prior, :mod:`pqm.pseudo_labels`);
 - ``DECODING``: decoding settings fixed by the family (part of stage 8's run key);
 - ``text_normaliser(fp_dir, split_digits)``: scoring normalisation (``split_digits``: the corpus's rule);
 - ``log_filter()``: a logging filter for the decoding log, or None.

@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from espnet.nets.scorer_interface import BatchScorerInterface
 from lhotse import CutSet
 from lhotse.dataset.collation import collate_audio
 
@@ -190,6 +191,20 @@ def learn_token_masks(model: torch.nn.Module) -> None:
     model.register_forward_pre_hook(take_mask, with_kwargs=True)
 
 
+class TokenBias(BatchScorerInterface):
+    """A fixed score per token (one vector over the token list), added at every step of ESPnet's beam search
+    as one more of its scorers (as its ``LengthBonus`` adds one score to every token)."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        self.scores = scores
+
+    def score(self, y, state, x):
+        return self.scores.to(x.device, x.dtype), None
+
+    def batch_score(self, ys, states, xs):
+        return self.scores.to(xs.device, xs.dtype).expand(ys.shape[0], -1), None
+
+
 class EspnetRecognizer:
     """ESPnet's beam search (``Speech2Text``) on ``self.model``, which is quantised and adapted in place."""
 
@@ -200,6 +215,21 @@ class EspnetRecognizer:
 
     def set_window(self, window: str) -> None:
         """Whole utterances, whatever the window: only Whisper pads its input to a window."""
+
+    def tokens(self, text: str) -> list[str]:
+        """``text`` as the model's tokens (its tokenizer's: words, or sentencepiece pieces)."""
+        return self.s2t.tokenizer.text2tokens(text)
+
+    def set_token_bias(self, bias: dict[str, float]) -> None:
+        """From now on add ``bias[token]`` to that token's score at every step of the beam search (``{}``: no
+        bias); tokens outside the model's token list are ignored."""
+        search = self.s2t.beam_search
+        for table in (search.scorers, search.full_scorers, search.weights):
+            table.pop("token_bias", None)
+        if bias:
+            scorer = TokenBias(torch.tensor([bias.get(token, 0.0) for token in search.token_list]))
+            search.scorers["token_bias"] = search.full_scorers["token_bias"] = scorer
+            search.weights["token_bias"] = 1.0
 
     def inputs(self, cuts) -> dict[str, torch.Tensor]:
         """The encoder's input of the cuts, one batch: ``speech`` and ``speech_lengths`` (16 kHz)."""
