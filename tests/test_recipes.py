@@ -75,3 +75,12 @@ def test_cli_lists_a_corpus_options_and_checks_them():
     assert check.returncode == 0 and check.stdout.splitlines() == ["token_type bpe", "inputs -"]
     bad = run("check", "--corpus", "fsdd", "--corpus-opts", "--fsdd-dir x")
     assert bad.returncode != 0 and "--fsdd-dir x is not an option of --corpus fsdd" in bad.stderr
+
+
+def test_check_stays_light():
+    """run.sh runs 'check' at every start: it imports neither lhotse nor torch (4-5 s a start, 35 in the tests)."""
+    code = ("import sys; from pqm.recipes.__main__ import main; "
+            "[main(['check', '--corpus', c]) for c in ('fsdd', 'speechocean762', 'librispeech', 'tedlium3')]; "
+            "heavy = sorted({'lhotse', 'torch'} & set(sys.modules)); assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
