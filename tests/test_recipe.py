@@ -161,6 +161,27 @@ def test_saml_sa_starts_from_the_merged_experts(recipe):
     assert results["systems"]["saml_sa"]["per_speaker"]["george"]["fallback"] == "saml"
 
 
+def test_stage7_labels_pqm_unsup_under_the_training_token_prior(recipe, tmp_path):
+    """run.sh --unsup true --unsup-prior 1, stage 7 alone on a copy of the experiment: pqm_unsup's labeller
+    decodes under the token prior of stage 2's training transcripts (its digest in the run key); the other
+    systems' adapters are kept (their run keys did not change); george, with no adaptation data, falls back."""
+    from pqm.files import file_digest
+
+    exp = tmp_path / "exp"
+    shutil.copytree(recipe["exp"], exp)
+    kept = (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").read_bytes()
+    opts = [str(exp) if o == str(recipe["exp"]) else o for o in recipe["opts"]]
+    run_sh(*opts, "--unsup", "true", "--unsup-prior", "1", "--stage", "7", "--stop-stage", "7")
+    meta = json.loads((exp / "adapters" / "pqm_unsup" / "nicolas" / "pqm_adapter.json").read_text())
+    train = recipe["data"] / "manifests" / "fsdd_cuts_train.jsonl.gz"
+    assert meta["run_key"]["pseudo_prior"] == file_digest(train) and meta["run_key"]["pseudo_prior_iters"] == 1
+    digits = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    assert meta["pseudo_token_bias"] and set(meta["pseudo_token_bias"]) <= digits
+    assert (exp / "adapters" / "pqm_unsup" / "george" / "fallback.json").exists()
+    assert (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").read_bytes() == kept
+    assert "token prior: bias" in "".join(f.read_text() for f in (exp / "log").glob("adapt.*.log"))
+
+
 def test_pqm_unsup_can_learn_saml_hypotheses(recipe, tmp_path):
     """Stage 7's pqm_unsup with --unsup-labeller saml: nicolas's adapter starts from SAT and learns the most
     confident half of saml's hypotheses of his 20 adaptation utterances; the run key names saml's mixture (a
