@@ -21,9 +21,9 @@ reaches the floor is not kept.
 
 The training transcripts' token prior (``token_bias``, :func:`prior_bias`):
 a labeller that is half wrong is wrong the same way for a whole speaker (on
-the digit task, ``nf4_sat`` writes "eight" for twice as many of george's
-digits as he says, and "seven" for a fifth of them), and self-training teaches
-it those errors. Before labelling, a per-speaker bias of the decoder's tokens
+the digit task, ``nf4_sat`` writes "eight" 110 times for george, who says
+it 51 times, and "seven" 10 times for 44), and self-training teaches it
+those errors. Before labelling, a per-speaker bias of the decoder's tokens
 brings the token distribution of the labeller's hypotheses of the speaker's
 audio to that of the training transcripts, the prior-adjustment EM of
 Saerens et al. (2002) with a half step: each iteration decodes the audio with
