@@ -92,6 +92,20 @@ def token_counts(texts: Iterable[str], tokens_of: Callable[[str], list[str]]) ->
     return Counter(token for text in texts for token in tokens_of(text))
 
 
+def biased_hypotheses(rec, cuts: CutSet, desc: str, bias: dict[str, float] | None = None,
+                      routes: dict[str, Row] | None = None) -> dict[str, str]:
+    """``rec``'s hypotheses of ``cuts`` (with ``routes``, each cut through its own mixture), its decoding biased
+    by ``bias`` (none or ``{}``: as it is); ``rec`` is left without a bias."""
+    adapters = [routes[cut.id] for cut in cuts] if routes is not None else None
+    if not bias:
+        return rec.transcribe(cuts, desc=desc, adapters=adapters)
+    rec.set_token_bias(bias)
+    try:
+        return rec.transcribe(cuts, desc=desc, adapters=adapters)
+    finally:
+        rec.set_token_bias({})
+
+
 def prior_bias(rec, cuts: CutSet, prior: Counter, iterations: int, routes: dict[str, Row] | None = None
                ) -> dict[str, float]:
     """The bias of each token of ``prior`` (the training transcripts' token counts) that brings the frequency
@@ -100,12 +114,7 @@ def prior_bias(rec, cuts: CutSet, prior: Counter, iterations: int, routes: dict[
     total = sum(prior.values())
     bias: dict[str, float] = {}
     for it in range(iterations):
-        rec.set_token_bias(bias)
-        try:
-            hyps = rec.transcribe(cuts, desc=f"token prior {it + 1}/{iterations}",
-                                  adapters=[routes[cut.id] for cut in cuts] if routes is not None else None)
-        finally:
-            rec.set_token_bias({})
+        hyps = biased_hypotheses(rec, cuts, f"token prior {it + 1}/{iterations}", bias, routes)
         counts = token_counts(hyps.values(), rec.tokens)
         seen = sum(counts[token] for token in prior)
         bias = {token: bias.get(token, 0.0) + PRIOR_STEP * (math.log(n / total)
@@ -130,14 +139,8 @@ def pseudo_labelled(rec, cuts: CutSet, batches_of: Callable, per_token: Callable
         raise ValueError("token_floor needs the family's token_probs")
     rec.model.eval()
     adapters = [routes[cut.id] for cut in cuts] if routes is not None else None
-    if token_bias:
-        rec.set_token_bias(token_bias)
-    try:
-        decoded = rec.transcribe(cuts, desc="pseudo-labels", adapters=adapters)
-    finally:
-        if token_bias:
-            rec.set_token_bias({})
-    hyps = {cut_id: " ".join(w for w in text.split() if w != "<unk>") for cut_id, text in decoded.items()}
+    hyps = {cut_id: " ".join(w for w in text.split() if w != "<unk>")
+            for cut_id, text in biased_hypotheses(rec, cuts, "pseudo-labels", token_bias, routes).items()}
     scored, probs = {}, {}
     with per_row(rec.model, adapters) as rows:
         for cut in cuts:

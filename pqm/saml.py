@@ -136,11 +136,11 @@ def held_out_batches(iterate: Callable[..., Iterator[dict]], cuts: CutSet, membe
     """Batches of one expert group's cuts each, the groups drawn at random in proportion to the utterances
     they have left, each with its mask over ``names``: the group's own expert held out (``iterate`` is the
     family's batch iterator with the other arguments bound)."""
+    if len(names) < 2:
+        raise BadInput("--hold-out-own-expert needs another expert than each group's own: give --sat-expert, or K >= 2")
     group_of = {s: name for name, speakers in members.items() for s in speakers}
     groups = {name: cuts.filter(lambda c, name=name: group_of[c.supervisions[0].speaker] == name).to_eager()
               for name in members if members[name]}
-    if len(names) < 2:
-        raise BadInput("--hold-out-own-expert needs another expert than each group's own: give --sat-expert, or K >= 2")
     left = {name: len(g) for name, g in groups.items()}
     batches = {name: iter(iterate(g, epoch=epoch, seed=seed)) for name, g in groups.items()}
     masks = {name: torch.tensor([n == name for n in names]) for name in groups}
