@@ -31,7 +31,9 @@ the loss), or with ``--pseudo-saml`` those of ``saml`` (:func:`saml_labeller`);
 the held-out judge's references then come from ``saml`` too. With
 ``--pseudo-prior-iters N`` the labeller decodes under a per-speaker token bias
 estimated in N iterations towards the token prior of ``--pseudo-prior-cuts``
-(the training transcripts; :func:`pqm.pseudo_labels.prior_bias`).
+(the training transcripts; :func:`pqm.pseudo_labels.prior_bias`), and the kept
+adapter gets a bias of its own the same way, under which stage 8 decodes the
+speaker (``decode_token_bias`` in ``pqm_adapter.json``).
 
 Training state is checkpointed after every epoch (``.<out>.checkpoint``), so a
 killed job resumes where it stopped; an adapter already trained with the same
@@ -140,7 +142,8 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
         **({"pseudo_labeller": mixture_key(a.pseudo_saml)} if a.targets == "pseudo" and a.pseudo_saml else {}),
         **({"pseudo_rounds": a.pseudo_rounds} if a.targets == "pseudo" and a.pseudo_rounds > 1 else {}),
         **({"pseudo_token_floor": a.pseudo_token_floor} if a.targets == "pseudo" and a.pseudo_token_floor else {}),
-        **({"pseudo_prior_iters": a.pseudo_prior_iters, "pseudo_prior": file_digest(a.pseudo_prior_cuts)}
+        **({"pseudo_prior_iters": a.pseudo_prior_iters, "pseudo_prior": file_digest(a.pseudo_prior_cuts),
+            "decode_token_bias": True}
            if a.targets == "pseudo" and a.pseudo_prior_iters else {}),
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
         **({"max_duration": a.max_duration} if a.max_duration > 0 else {}),
@@ -367,7 +370,8 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
                         "probability under the labeller is below this (STAR-style masking; 0: off)")
     p.add_argument("--pseudo-prior-iters", type=int, default=0,
                    help="--targets pseudo: label under a per-speaker token bias, estimated in this many decodings, "
-                        "that brings the hypotheses' token frequencies to --pseudo-prior-cuts' (0: off; ESPnet only)")
+                        "that brings the hypotheses' token frequencies to --pseudo-prior-cuts', and give the adapter "
+                        "its own such bias for decoding (0: off; ESPnet only)")
     p.add_argument("--pseudo-prior-cuts", type=Path, default=None,
                    help="--pseudo-prior-iters: cuts whose transcripts give the token prior (the training set's)")
     p.add_argument("--holdout", type=int, default=0,
@@ -685,6 +689,9 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
         if best < a.epochs:
             set_peft_model_state_dict(model, selection.best_state)
             logging.info(f"keeping the adapter of epoch {best} (the lowest held-out {selection.measure})")
+    if prior:  # the kept adapter's own bias, from its hypotheses of the same audio: stage 8 decodes under it
+        meta["decode_token_bias"] = prior_bias(rec, unlabelled, prior, a.pseudo_prior_iters)
+        timer.done("token prior for decoding")
     meta.update(timer.report())
     (out / "fallback.json").unlink(missing_ok=True)
     save_adapter(model, out, meta)

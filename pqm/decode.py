@@ -6,7 +6,8 @@ once; a per-speaker adapter is loaded for its speaker and unloaded after):
 ``fp`` (full precision), ``nf4`` (quantised), ``nf4_sat`` (+ SAT LoRA),
 ``nf4_sa`` (+ per-speaker LoRA trained from scratch), ``pqm`` (+ per-speaker
 LoRA started from SAT) and, when asked for, ``pqm_unsup`` (the same, trained on
-``nf4_sat``'s own hypotheses instead of transcripts), ``saml`` (no per-speaker data: each utterance through
+``nf4_sat``'s own hypotheses instead of transcripts; one made under the token prior decodes under its
+own token bias, :mod:`pqm.pseudo_labels`), ``saml`` (no per-speaker data: each utterance through
 its router's mixture of the training speakers' LoRA experts, :mod:`pqm.saml`) and ``saml_sa`` (+ per-speaker
 LoRA started from saml's experts merged). Decoding is ESPnet's beam search (``Speech2Text``) for
 a Conformer and ``generate`` for Whisper (each family's ``recognizer``, :mod:`pqm.families`).
@@ -33,9 +34,10 @@ from pqm.errors import BadInput, MissingInput, cli, require, setup_logging
 from pqm.families import family
 from pqm.files import file_digest, ids_digest, read_json, write_json, write_text
 from pqm.jobs import add_speaker_options, job_speakers
-from pqm.lora import adapter_window, load_adapter
-from pqm.nf4 import to_nf4
+from pqm.lora import META, adapter_window, load_adapter
 from pqm.mixture import Mixture, mixture_key
+from pqm.nf4 import to_nf4
+from pqm.pseudo_labels import biased
 from pqm.systems import ADAPTED, DEFAULT_SYSTEMS, SYSTEMS
 
 
@@ -52,11 +54,22 @@ def write_hyps(out: Path, hyps: dict[str, str] | None, info: dict) -> None:
     write_json(out / "info.json", info)
 
 
-def _adapter_digest(adapter: Path) -> str | None:
+def _adapter_digest(adapter: Path) -> str | dict | None:
+    """The adapter's weights (and the token bias it decodes under, if any), its fallback, or None (missing)."""
     if (adapter / "fallback.json").exists():
         return "fallback"
     weights = adapter / "adapter_model.safetensors"
-    return file_digest(weights) if weights.exists() else None
+    if not weights.exists():
+        return None
+    bias = decode_token_bias(adapter)
+    return {"weights": file_digest(weights), "token_bias": bias} if bias else file_digest(weights)
+
+
+def decode_token_bias(adapter: Path) -> dict[str, float] | None:
+    """The token bias a ``pqm_unsup`` adapter made with ``--pseudo-prior-iters`` decodes its speaker under
+    (:mod:`pqm.pseudo_labels`), or None."""
+    meta = adapter / META
+    return read_json(meta).get("decode_token_bias") if meta.exists() else None
 
 
 def run_keys(a: argparse.Namespace, tag: str, cuts: CutSet, systems: list[str]) -> dict[str, dict]:
@@ -174,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
                 info["window"] = window
                 routed = system == "saml" or info.get("fallback") == "saml"
                 rows = mixture.route(rec, models, part.cuts) if routed else None
-                hyps = rec.transcribe(part.cuts, desc=f"{system}/{part.tag}", tokens_per_second=a.max_tokens_per_second,
-                                      adapters=rows)
+                with biased(rec, info.get("token_bias")):
+                    hyps = rec.transcribe(part.cuts, desc=f"{system}/{part.tag}",
+                                          tokens_per_second=a.max_tokens_per_second, adapters=rows)
                 if rows:
                     info["mean_weights"] = {n: round(sum(r[n] for r in rows) / len(rows), 3) for n in mixture.names}
             info["seconds"] = round(time.time() - start, 2)
@@ -229,6 +243,9 @@ def adapted(peft_model, system: str, adapter: Path, sat_dir: Path, base_fingerpr
         yield None
     else:
         load_adapter(peft_model, adapter, base_fingerprint, name=system)
+        bias = decode_token_bias(adapter)
+        if bias:
+            info["token_bias"] = bias
         try:
             with active(peft_model, system, adapter) as window:
                 yield window

@@ -29,17 +29,20 @@ audio to that of the training transcripts, the prior-adjustment EM of
 Saerens et al. (2002) with a half step: each iteration decodes the audio with
 the bias so far and adds half the log ratio of the training prior to the
 hypotheses' (add-one smoothed) frequency of each training token. The labels
-are then decoded with that bias and scored without it. It reads the training
+are then decoded with that bias and scored without it. The trained adapter
+gets a bias of its own, estimated the same way from its hypotheses of the
+same audio, and decodes the speaker under it (stage 8). It reads the training
 speakers' transcripts, never this speaker's; families whose recognizer has
 ``set_token_bias`` only (ESPnet).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from lhotse import CutSet
@@ -92,18 +95,26 @@ def token_counts(texts: Iterable[str], tokens_of: Callable[[str], list[str]]) ->
     return Counter(token for text in texts for token in tokens_of(text))
 
 
+@contextlib.contextmanager
+def biased(rec, bias: dict[str, float] | None) -> Iterator[None]:
+    """``rec`` decodes with its tokens biased by ``bias`` (none or ``{}``: as it is) inside the block, and
+    without a bias after it."""
+    if not bias:
+        yield
+        return
+    rec.set_token_bias(bias)
+    try:
+        yield
+    finally:
+        rec.set_token_bias({})
+
+
 def biased_hypotheses(rec, cuts: CutSet, desc: str, bias: dict[str, float] | None = None,
                       routes: dict[str, Row] | None = None) -> dict[str, str]:
     """``rec``'s hypotheses of ``cuts`` (with ``routes``, each cut through its own mixture), its decoding biased
     by ``bias`` (none or ``{}``: as it is); ``rec`` is left without a bias."""
-    adapters = [routes[cut.id] for cut in cuts] if routes is not None else None
-    if not bias:
-        return rec.transcribe(cuts, desc=desc, adapters=adapters)
-    rec.set_token_bias(bias)
-    try:
-        return rec.transcribe(cuts, desc=desc, adapters=adapters)
-    finally:
-        rec.set_token_bias({})
+    with biased(rec, bias):
+        return rec.transcribe(cuts, desc=desc, adapters=[routes[cut.id] for cut in cuts] if routes is not None else None)
 
 
 def prior_bias(rec, cuts: CutSet, prior: Counter, iterations: int, routes: dict[str, Row] | None = None

@@ -211,13 +211,16 @@ def test_pseudo_labels_under_the_training_token_prior(setup, tmp_path, capsys):
     """--pseudo-prior-iters: ESPnet's own beam search takes the token bias (a large one on one word makes every
     hypothesis that word alone; none gives the plain hypotheses back); each iteration of the bias adds half the
     log ratio of the training transcripts' token prior to the frequency of the tokens in the hypotheses decoded
-    under the bias so far; pqm_unsup's labels are decoded under it, and it is reported and in the run key."""
+    under the bias so far; pqm_unsup's labels are decoded under it, and it is reported and in the run key; the
+    trained adapter's own bias (for decoding) is the same estimate from its hypotheses."""
     import math
     from collections import Counter
 
     from lhotse import CutSet
 
     from pqm.families import family
+    from pqm.lora import load_adapter
+    from pqm.nf4 import to_nf4
     from pqm.pseudo_labels import PRIOR_STEP, prior_bias, token_counts
 
     tmp, fp_dir = setup
@@ -254,6 +257,12 @@ def test_pseudo_labels_under_the_training_token_prior(setup, tmp_path, capsys):
     meta = json.loads((tmp_path / "p" / "pqm_adapter.json").read_text())
     assert set(meta["pseudo_token_bias"]) == set(prior) and meta["run_key"]["pseudo_prior_iters"] == 2
     assert len(meta["run_key"]["pseudo_prior"]) > 8 and len(meta["pseudo_labels"]) == 12
+    # the adapter's own bias for decoding: the same estimate, from its hypotheses of the speaker's audio
+    tuned = family(fp_dir).recognizer(fp_dir, "cpu", beam_size=1, ctc_weight=0.5)
+    load_adapter(tuned.model, tmp_path / "p", to_nf4(tuned.model, tmp / "nf4"))
+    george = CutSet.from_file(tmp / "manifests" / "fsdd_cuts_adapt.jsonl.gz").filter(
+        lambda c: c.supervisions[0].speaker == "george").to_eager()
+    assert meta["decode_token_bias"] == pytest.approx(prior_bias(tuned, george, prior, 2))
     with pytest.raises(SystemExit):
         adapt(setup, tmp_path / "c", 1, *pseudo, "--pseudo-prior-iters", "2")
     assert "--pseudo-prior-iters needs --pseudo-prior-cuts" in capsys.readouterr().err

@@ -162,24 +162,44 @@ def test_saml_sa_starts_from_the_merged_experts(recipe):
 
 
 def test_stage7_labels_pqm_unsup_under_the_training_token_prior(recipe, tmp_path):
-    """run.sh --unsup true --unsup-prior 1, stage 7 alone on a copy of the experiment: pqm_unsup's labeller
-    decodes under the token prior of stage 2's training transcripts (its digest in the run key); the other
-    systems' adapters are kept (their run keys did not change); george, with no adaptation data, falls back."""
+    """run.sh --unsup true --unsup-prior 1, stages 7-8 on a copy of the experiment: pqm_unsup's labeller
+    decodes under the token prior of stage 2's training transcripts (its digest in the run key), the adapter
+    gets a bias of its own, and stage 8 decodes nicolas under it (another bias: decoded again); the other
+    systems' adapters and hypotheses are kept (their run keys did not change); george, with no adaptation
+    data, falls back."""
     from pqm.files import file_digest
 
     exp = tmp_path / "exp"
     shutil.copytree(recipe["exp"], exp)
     kept = (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").read_bytes()
-    opts = [str(exp) if o == str(recipe["exp"]) else o for o in recipe["opts"]]
-    run_sh(*opts, "--unsup", "true", "--unsup-prior", "1", "--stage", "7", "--stop-stage", "7")
-    meta = json.loads((exp / "adapters" / "pqm_unsup" / "nicolas" / "pqm_adapter.json").read_text())
+    pqm_info = (exp / "decode" / "pqm" / "nicolas" / "info.json").read_text()
+    opts = [str(exp) if o == str(recipe["exp"]) else o for o in recipe["opts"]] + ["--unsup", "true", "--unsup-prior", "1"]
+    run_sh(*opts, "--stage", "7", "--stop-stage", "8")
+    adapter = exp / "adapters" / "pqm_unsup" / "nicolas"
+    meta = json.loads((adapter / "pqm_adapter.json").read_text())
     train = recipe["data"] / "manifests" / "fsdd_cuts_train.jsonl.gz"
     assert meta["run_key"]["pseudo_prior"] == file_digest(train) and meta["run_key"]["pseudo_prior_iters"] == 1
     digits = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
     assert meta["pseudo_token_bias"] and set(meta["pseudo_token_bias"]) <= digits
+    assert meta["decode_token_bias"] and set(meta["decode_token_bias"]) <= digits
     assert (exp / "adapters" / "pqm_unsup" / "george" / "fallback.json").exists()
     assert (exp / "adapters" / "pqm" / "nicolas" / "adapter_model.safetensors").read_bytes() == kept
     assert "token prior: bias" in "".join(f.read_text() for f in (exp / "log").glob("adapt.*.log"))
+    decoded = exp / "decode" / "pqm_unsup" / "nicolas"
+    info = json.loads((decoded / "info.json").read_text())
+    assert info["token_bias"] == meta["decode_token_bias"]
+    assert info["run_key"]["pqm_unsup"]["token_bias"] == meta["decode_token_bias"]
+    assert (exp / "decode" / "pqm" / "nicolas" / "info.json").read_text() == pqm_info  # not decoded again
+    assert "token_bias" not in json.loads((exp / "decode" / "pqm_unsup" / "george" / "info.json").read_text())
+
+    meta["decode_token_bias"] = {"five": 10.0}  # a bias no decoding can resist: stage 8 must apply it
+    (adapter / "pqm_adapter.json").write_text(json.dumps(meta))
+    for marker in (exp / ".done").glob("stage8*"):
+        marker.unlink()
+    run_sh(*opts, "--stage", "8", "--stop-stage", "8")
+    hyps = [line.split(maxsplit=1)[1:] for line in (decoded / "text").read_text().splitlines()]
+    assert hyps and all(h and set(h[0].split()) == {"five"} for h in hyps), hyps
+    assert (exp / "decode" / "pqm" / "nicolas" / "info.json").read_text() == pqm_info
 
 
 def test_pqm_unsup_can_learn_saml_hypotheses(recipe, tmp_path):
