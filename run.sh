@@ -37,6 +37,7 @@ sat_epochs=1
 sat_lr=0.001
 sat_utts=0              # SAT on at most this many training utterances (0: all)
 sat_max_duration=0      # SAT batches of similar-length utterances of at most this many seconds (0: 16 utterances)
+sat_speed_perturb=""    # stage 6 (SAT, saml's experts and router): train on every utterance at each speed, e.g. "0.9 1.0 1.1" ("": off)
 sat_init=zero           # SAT LoRA start: zero (peft's default, B = 0) or svd (the rank-r SVD of the NF4 quantisation error)
 saml_experts=0          # also saml: at most this many LoRA experts of training-speaker groups and a router over them (0: off)
 saml_epochs=2           # saml: each expert's epochs from SAT on its group (lr: --sat-lr)
@@ -127,6 +128,8 @@ sat_launcher=(python)
 [ "${sat_nproc}" -gt 1 ] && sat_launcher=(python -m torch.distributed.run --standalone --nproc-per-node "${sat_nproc}")
 corpus_stage=(python -m pqm.recipes --corpus "${corpus}" --datadir "${datadir}" --seed "${seed}" --corpus-opts "${corpus_opts}")
 opts_nf4=(--fp-dir "${expdir}/fp" --nf4-dir "${expdir}/nf4" --device "${device}")
+read -ra speed_factors <<< "${sat_speed_perturb}"
+opts_sat=(--speed-perturb "${speed_factors[@]}")  # stage 6's training data (an empty list: as they are)
 opts_lora=("${opts_nf4[@]}" --lora-r "${lora_r}" --lora-alpha "${lora_alpha}" --lora-targets "${lora_targets}"
     --seed "${seed}" --window "${whisper_window}" --target-style "${target_style}")
 
@@ -142,7 +145,7 @@ saml=${expdir}/saml
 stage6() {  # SAT; with --saml-experts K also saml: groups of training speakers, an expert from SAT on each, the router
     "${sat_launcher[@]}" -m pqm.adapt "${opts_lora[@]}" --cuts "$(cuts train)" --max-utts "${sat_utts}" \
         --epochs "${sat_epochs}" --lr "${sat_lr}" --lora-init "${sat_init}" --max-duration "${sat_max_duration}" \
-        --out "${expdir}/sat"
+        "${opts_sat[@]}" --out "${expdir}/sat"
     [ "${saml_experts}" -gt 0 ] || return 0
     local opts_saml=("${opts_nf4[@]}" --cuts "$(cuts train)" --saml-dir "${saml}" --seed "${seed}" \
         --window "${whisper_window}" --max-duration "${sat_max_duration}")
@@ -152,9 +155,9 @@ stage6() {  # SAT; with --saml-experts K also saml: groups of training speakers,
     local group
     for group in "${saml}"/cuts/expert*.jsonl.gz; do  # names made by pqm.saml, never from speaker ids
         python -m pqm.adapt "${opts_lora[@]}" --init "${expdir}/sat" --cuts "${group}" --epochs "${saml_epochs}" \
-            --lr "${sat_lr}" --max-duration "${sat_max_duration}" --out "${saml}/experts/$(basename "${group}" .jsonl.gz)"
+            --lr "${sat_lr}" --max-duration "${sat_max_duration}" "${opts_sat[@]}" --out "${saml}/experts/$(basename "${group}" .jsonl.gz)"
     done
-    python -m pqm.saml router "${opts_saml[@]}" --epochs "${saml_router_epochs}" "${hold_out[@]}"
+    python -m pqm.saml router "${opts_saml[@]}" --epochs "${saml_router_epochs}" "${hold_out[@]}" "${opts_sat[@]}"
 }
 
 adapted=(pqm nf4_sa); [ "${unsup}" = false ] || adapted+=(pqm_unsup)  # the per-speaker systems (pqm/systems.py)

@@ -68,7 +68,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from pqm.batches import cut_batches
+from pqm.batches import cut_batches, speed_perturbed
 from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import family, family_of
 from pqm.files import atomic_path, file_digest, ids_digest, read_json, write_json
@@ -147,6 +147,7 @@ def run_key(a: argparse.Namespace, speaker: str | None, cuts: CutSet, world_size
            if a.targets == "pseudo" and a.pseudo_prior_iters else {}),
         **({"lr_schedule": a.lr_schedule, "warmup_ratio": a.warmup_ratio} if a.lr_schedule != "constant" else {}),
         **({"max_duration": a.max_duration} if a.max_duration > 0 else {}),
+        **({"speed_perturb": a.speed_perturb} if a.speed_perturb else {}),
         # a new LoRA's epoch 0 is the bare model, decoded in its 30 s window (held_out_errors)
         **({"held_out_epoch0_window": BASE_WINDOW} if a.holdout and not (a.init or a.init_saml) and a.window != BASE_WINDOW
            else {}),
@@ -350,6 +351,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
                    help="batches of similar-length utterances adding up to at most this many seconds, instead of "
                         "--batch-size utterances (lhotse's DynamicBucketingSampler; 0: off)")
     p.add_argument("--max-utts", type=int, default=0, help="use at most this many utterances (0: all)")
+    add_speed_perturb_option(p)
     p.add_argument("--lora-r", type=int, default=default.r)
     p.add_argument("--lora-alpha", type=int, default=default.alpha)
     p.add_argument("--lora-dropout", type=float, default=default.dropout)
@@ -380,11 +382,26 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctc-weight", type=float, default=0.5, help="Conformer: CTC weight of held-out decoding")
 
 
+def add_speed_perturb_option(p: argparse.ArgumentParser) -> None:
+    """``--speed-perturb F ...``: train on the cuts once per speed factor (:func:`pqm.batches.speed_perturbed`)."""
+    p.add_argument("--speed-perturb", type=float, nargs="*", default=[], metavar="F",
+                   help="train on every utterance once per speed factor, e.g. 0.9 1.0 1.1 (1.0: as it is; "
+                        "none: off): new voices for a model that has heard few speakers")
+
+
+def check_speed_perturb(p: argparse.ArgumentParser, factors: list[float]) -> None:
+    """Refuse speed factors outside [0.5, 2] or given twice (``p.error``)."""
+    if any(not 0.5 <= f <= 2.0 for f in factors) or len(set(factors)) != len(factors):
+        p.error(f"--speed-perturb {' '.join(map(str, factors))}: distinct factors in [0.5, 2] are needed, "
+                "e.g. 0.9 1.0 1.1")
+
+
 def check_training_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Refuse values :func:`add_training_options`' types let through (``p.error``: exit 2 with usage)."""
     for name in ("epochs", "batch_size", "lora_r", "lora_alpha", "pseudo_rounds"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: a positive number is needed")
+    check_speed_perturb(p, a.speed_perturb)
     if a.max_duration < 0:
         p.error(f"--max-duration {a.max_duration}: a number of seconds >= 0 is needed (0: --batch-size utterances)")
     if a.holdout < 0 or a.lr <= 0:
@@ -647,7 +664,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
             train_cuts, pseudo = relabelled, {**report, **held}
             set_peft_model_state_dict(model, start_state)
         # the held-out judge (if any) judges the last round: the adapter that is kept or not
-        losses = train_adapter(model, train_cuts, batches_of, a.epochs, a.lr, a.batch_size,
+        losses = train_adapter(model, speed_perturbed(train_cuts, a.speed_perturb), batches_of, a.epochs, a.lr, a.batch_size,
                                a.seed, a.device, checkpoint, ranks, selection if r == rounds else Selection(None),
                                a.lr_schedule, a.warmup_ratio, a.max_duration)
     timer.done("train")
@@ -666,6 +683,7 @@ def train_job(a: argparse.Namespace, ranks: Ranks, speaker: str | None) -> None:
         "utterances": len(train_cuts), "epochs": a.epochs, "lr": a.lr, "lr_schedule": a.lr_schedule,
         "loss_per_epoch": losses, "lora_params": n_lora, "base_params": base_params, "window": a.window,
         "target_style": a.target_style, "world_size": ranks.world_size, "run_key": key,
+        **({"speed_perturb": a.speed_perturb} if a.speed_perturb else {}),
     }
     if a.targets == "pseudo":
         meta.update(targets="pseudo", pseudo_labeller=f"saml {a.pseudo_saml}" if a.pseudo_saml else "start",

@@ -12,7 +12,7 @@ import warnings
 from typing import Iterable, Iterator
 
 import torch
-from lhotse import CutSet
+from lhotse import CutSet, combine
 from lhotse.dataset.collation import collate_audio
 from lhotse.dataset.sampling import DynamicBucketingSampler, SimpleCutSampler
 from torch.nn.utils.rnn import pad_sequence
@@ -22,6 +22,15 @@ from pqm.tokens import TokenEncoder
 SAMPLING_RATE = 16000
 TOKEN_MASK = "token_mask"  # the supervision's custom field, and the batch's key
 _resampled_from: set[int] = set()
+
+
+def speed_perturbed(cuts: CutSet, factors: list[float] | None) -> CutSet:
+    """``cuts`` once per speed factor, as Kaldi's and ESPnet's recipes augment their training data (lhotse's
+    ``perturb_speed``: pitch, formants and tempo change together, so each factor makes every speaker sound like
+    another; 1.0: the cuts as they are; ids get ``_sp<factor>``); ``cuts`` themselves where ``factors`` is empty."""
+    if not factors:
+        return cuts
+    return combine(*(cuts if f == 1.0 else cuts.perturb_speed(f) for f in factors)).to_eager()
 
 
 def cut_batches(

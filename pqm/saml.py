@@ -37,7 +37,9 @@ from lhotse import CutSet
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pqm.adapt import StepTimer, fp_hypotheses_cache, freeze_batchnorm, styled_targets
+from pqm.adapt import (StepTimer, add_speed_perturb_option, check_speed_perturb, fp_hypotheses_cache, freeze_batchnorm,
+                       styled_targets)
+from pqm.batches import speed_perturbed
 from pqm.errors import BadInput, cli, require, setup_logging
 from pqm.families import family
 from pqm.files import atomic_path, file_digest, ids_digest, read_json, write_json
@@ -128,7 +130,8 @@ def router_key(a: argparse.Namespace, names: list[str], cuts: CutSet) -> dict:
     return {"experts": {n: file_digest(a.saml_dir / "experts" / n / "adapter_model.safetensors") for n in names},
             "nf4": read_json(a.nf4_dir / "nf4.json")["fingerprint"], "utterances": ids_digest(c.id for c in cuts),
             **{k: getattr(a, k) for k in ("epochs", "lr", "batch_size", "max_duration", "window", "seed")},
-            **({"hold_out_own_expert": True} if a.hold_out_own_expert else {})}
+            **({"hold_out_own_expert": True} if a.hold_out_own_expert else {}),
+            **({"speed_perturb": a.speed_perturb} if a.speed_perturb else {})}
 
 
 def held_out_batches(iterate: Callable[..., Iterator[dict]], cuts: CutSet, members: dict[str, list[str]],
@@ -172,6 +175,7 @@ def router(a: argparse.Namespace) -> None:
     sat = Path(expert["init"])
     cuts = styled_targets(rec, cuts, expert["target_style"], a.fp_dir, a.saml_dir / ".router.fp_hyps.json",
                           also=fp_hypotheses_cache(sat, None))
+    cuts = speed_perturbed(cuts, a.speed_perturb)
     rec.set_window(a.window)
     fingerprint = to_nf4(rec.model, a.nf4_dir, device=a.device)
     mixture = Mixture(rec.model, a.saml_dir, fingerprint, trainable_router=True)
@@ -238,11 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-duration", type=float, default=0.0, help="batches of at most this many seconds (0: --batch-size)")
     p.add_argument("--window", default="padded", choices=("padded", "trimmed"), help="Whisper: the experts' input window")
+    add_speed_perturb_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     if a.experts < 1:
         p.error("--experts must be at least 1")
+    check_speed_perturb(p, a.speed_perturb)
     setup_logging()
     (groups if a.step == "groups" else router)(a)
 

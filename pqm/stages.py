@@ -35,7 +35,7 @@ STAGE_INPUTS = {
     1: "corpus corpus_opts datadir corpus_inputs", 2: "seed", 3: "model pretrained token_type nbpe train_config",
     4: "max_epoch", 5: "nf4_blocksize nf4_double_quant nf4_min_conv_numel nf4_embeddings nf4_unquantised_dtype",
     6: "lora_r lora_alpha lora_targets whisper_window target_style sat_epochs sat_lr sat_utts sat_nproc sat_init "
-       "sat_max_duration saml_experts saml_epochs saml_router_epochs saml_router_holdout",
+       "sat_max_duration sat_speed_perturb saml_experts saml_epochs saml_router_epochs saml_router_holdout",
     7: "sa_epochs sa_utts sa_lr sa_lr_schedule sa_holdout ctc_weight unsup unsup_keep unsup_holdout unsup_labeller "
        "unsup_rounds unsup_token_floor unsup_prior",
     8: "beam_size whisper_max_tokens_per_second", 9: "",
@@ -45,13 +45,15 @@ STAGE_INPUTS = {
 ADDED_LATER = {"nf4_unquantised_dtype": "float32", "sat_max_duration": "0", "sa_utts": "0", "saml_experts": "0",
                "saml_epochs": "2", "saml_router_epochs": "1", "saml_router_holdout": "false", "unsup_holdout": "0",
                "unsup_labeller": "nf4_sat", "unsup_rounds": "1", "unsup_token_floor": "0",
-               "unsup_prior": "0"}
+               "unsup_prior": "0", "sat_speed_perturb": ""}
 # The values run.sh's options may take (the whole value matches), and what to give instead.
 RULES = {
     "stage stop_stage": ("[1-9]", "stages are 1..9"),
     "nj ngpu sat_epochs sa_epochs saml_epochs saml_router_epochs lora_r lora_alpha beam_size unsup_rounds": ("[1-9][0-9]*", "a positive integer is needed"),
     "threads sat_nproc sa_holdout unsup_holdout sa_utts saml_experts unsup_prior": ("[0-9]+", "a number >= 0 is needed"),
     "whisper_max_tokens_per_second sat_max_duration": ("[0-9]+([.][0-9]+)?", "a number >= 0 is needed"),
+    "sat_speed_perturb": ("|[0-9]+([.][0-9]+)?( [0-9]+([.][0-9]+)?)*",
+                          "speed factors separated by spaces are needed, e.g. \"0.9 1.0 1.1\" (\"\": off)"),
     "unsup_keep": ("0?[.][0-9]*[1-9][0-9]*|1|1[.]0*", "a fraction in (0, 1] is needed"),
     "unsup_token_floor": ("0|0?[.][0-9]+", "a probability in [0, 1) is needed (0: off)"),
     "nf4_double_quant nf4_embeddings unsup saml_router_holdout": ("true|false", "use true or false"),

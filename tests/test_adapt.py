@@ -112,6 +112,23 @@ def test_finished_adapter_is_not_retrained(setup, tmp_path, caplog):
 
 
 @pytest.mark.e2e
+def test_speed_perturbed_training_is_a_run_of_its_own(setup, tmp_path):
+    """``--speed-perturb``: recorded in the adapter's metadata and run key, trained on other audio than the
+    same run without it; a factor outside [0.5, 2] is refused before anything is written."""
+    adapt(setup, tmp_path / "plain", 1)
+    adapt(setup, tmp_path / "sp", 1, "--speed-perturb", "0.9", "1.0", "1.1")
+    meta = json.loads((tmp_path / "sp" / "pqm_adapter.json").read_text())
+    assert meta["speed_perturb"] == meta["run_key"]["speed_perturb"] == [0.9, 1.0, 1.1]
+    assert "speed_perturb" not in json.loads((tmp_path / "plain" / "pqm_adapter.json").read_text())["run_key"]
+    plain = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    sp = load_file(str(tmp_path / "sp" / "adapter_model.safetensors"))
+    assert plain.keys() == sp.keys() and any(not torch.equal(plain[k], sp[k]) for k in plain)
+    with pytest.raises(SystemExit):
+        adapt(setup, tmp_path / "bad", 1, "--speed-perturb", "0.3")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.e2e
 def test_distributed_sat_on_two_gloo_processes(setup, tmp_path):
     """torchrun with two CPU processes (gloo): DDP over the LoRA parameters trains the same adapter shape
     as one process, and the loss goes down."""

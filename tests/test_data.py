@@ -217,3 +217,22 @@ def test_batches_by_duration_hold_similar_lengths(fsdd_dir):
     ranks = [list(cut_batches(cuts, 16, epoch=1, rank=r, world_size=2, max_duration=8.0)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) > 0
     assert not {c.id for b in ranks[0] for c in b} & {c.id for b in ranks[1] for c in b}
+
+
+def test_speed_perturbed_cuts_keep_their_transcripts_at_every_speed(corpus):
+    """``--speed-perturb 0.9 1.0 1.1``: every cut once per factor (ids ``_sp<factor>``), its words and speaker
+    kept, its audio really resampled (1/factor as long); no factors: the cuts as they are."""
+    from pqm.batches import speed_perturbed
+
+    cuts = CutSet.from_manifests(corpus["recordings"], corpus["supervisions"]).subset(first=6).to_eager()
+    assert speed_perturbed(cuts, []) is cuts
+    out = speed_perturbed(cuts, [0.9, 1.0, 1.1])
+    assert len(out) == 18 and set(cuts.ids) <= set(out.ids)
+    for c in cuts:
+        for f in (0.9, 1.1):
+            sp = out[f"{c.id}_sp{f}"]
+            assert sp.supervisions[0].text == c.supervisions[0].text
+            assert sp.supervisions[0].speaker == c.supervisions[0].speaker
+            assert sp.duration == pytest.approx(c.duration / f, abs=0.01)
+            audio, original = sp.load_audio(), c.load_audio()
+            assert audio.shape[1] == pytest.approx(original.shape[1] / f, abs=2)

@@ -75,7 +75,8 @@ def test_malformed_or_missing_options_are_refused():
 
 @pytest.mark.parametrize("name, value, advice", [("stage", "10", "stages are 1..9"), ("nj", "0", "a positive integer"),
                                                   ("unsup_keep", "0", "a fraction in (0, 1]"),
-                                                  ("nf4_unquantised_dtype", "bf16", "use float32 or float16")])
+                                                  ("nf4_unquantised_dtype", "bf16", "use float32 or float16"),
+                                                  ("sat_speed_perturb", "0.9,1.1", "speed factors separated by spaces")])
 def test_a_value_the_rules_do_not_allow_is_named(name, value, advice):
     validate({name: "1" if name != "nf4_unquantised_dtype" else "float16"})
     with pytest.raises(BadInput, match=fr"--{name.replace('_', '-')} {value}: {re.escape(advice)}"):
