@@ -12,6 +12,10 @@ with two changes that make a killed run resume safely (``--resume true``):
   only the numpy scalar and timedelta types ESPnet's reporter stores, instead
   of ESPnet's ``weights_only=False``.
 
+A checkpoint is resumed only by the training that wrote it: ``<expdir>/asr/pqm_training.json`` records the
+options and the contents of the files they name (config, statistics, data, token list), all but
+``--max_epoch`` (a rerun with more epochs continues), and stage 4 started with any other clears ``asr/``.
+
 Multi-GPU training is ESPnet's own: ``--ngpu N --multiprocessing_distributed
 true`` spawns one process per GPU, each of which goes through
 :meth:`PqmASRTask.main_worker`.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import logging
 import os
 import shutil
 import sys
@@ -34,7 +39,7 @@ from espnet2.tasks.asr import ASRTask
 from espnet2.train.trainer import Trainer
 
 from pqm.errors import require
-from pqm.files import atomic_path
+from pqm.files import atomic_path, file_digest, read_json, write_json
 from pqm.tokens import token_dir_name
 
 _CHECKPOINT_TYPES = [np._core.multiarray.scalar, np.dtype, datetime.timedelta,
@@ -113,15 +118,41 @@ def collect_stats(a: argparse.Namespace) -> None:
         "--output_dir", str(out)])
 
 
+TRAINING = "pqm_training.json"  # in <expdir>/asr: what the checkpoint there was trained with
+
+
+def training_key(opts: list[str]) -> list[str]:
+    """ESPnet's options as a resume key: each value that names a file (``path`` or ``path,name,type`` or
+    ``name=path``) as that file's content digest, so that a copied experiment keeps its key; no ``--max_epoch``."""
+    def value(v: str) -> str:
+        path = Path(v.split(",")[0].split("=")[-1])
+        return f"{v.replace(str(path), '<file>')} {file_digest(path)}" if path.is_file() else v
+    return [value(v) for k, v in zip(opts[::2], opts[1::2]) if k != "--max_epoch" for v in (k, v)]
+
+
+def fresh_unless_same_training(out: Path, key: list[str]) -> None:
+    """Clear ``out`` (ESPnet's output folder) unless its checkpoint was trained with ``key``; record ``key``."""
+    done = out / TRAINING
+    if out.exists() and not (done.exists() and read_json(done)["key"] == key):
+        logging.warning(f"{out} holds a training run with other options or data (or none recorded): "
+                        "removed, training from the start")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(done, {"key": key})
+
+
 def train(a: argparse.Namespace) -> tuple[Path, Path]:
-    """Stage 4: train in ``<expdir>/asr`` (resuming from its ``checkpoint.pth``); return (config, averaged model)."""
+    """Stage 4: train in ``<expdir>/asr`` (resuming from its ``checkpoint.pth`` if the same training wrote it);
+    return (config, averaged model)."""
     stats = require(a.expdir / "asr_stats" / "train" / "feats_stats.npz", "stage 3 (feature statistics)")
     shapes = a.expdir / "asr_stats"
     out = a.expdir / "asr"
-    PqmASRTask.main(cmd=espnet_options(a) + [
+    opts = espnet_options(a) + [
         "--train_shape_file", f"{shapes}/train/speech_shape", "--valid_shape_file", f"{shapes}/valid/speech_shape",
         "--normalize", "global_mvn", "--normalize_conf", f"stats_file={stats}", "--max_epoch", str(a.max_epoch),
-        "--seed", str(a.seed), "--resume", "true", "--output_dir", str(out)])
+        "--seed", str(a.seed), "--resume", "true"]
+    fresh_unless_same_training(out, training_key(opts))
+    PqmASRTask.main(cmd=opts + ["--output_dir", str(out)])
     return out / "config.yaml", out / "valid.acc.ave.pth"
 
 

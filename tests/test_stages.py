@@ -101,3 +101,27 @@ def test_an_option_added_later_counts_as_its_old_behaviour(tmp_path):
                               if not x.startswith("--sat-max-duration")))
     assert markers(tmp_path, sat_max_duration="0").changed(6) == ""
     assert markers(tmp_path, sat_max_duration="64").changed(6) == "was --sat-max-duration 0; now --sat-max-duration 64"
+
+
+def test_stage4_resumes_only_the_training_that_wrote_the_checkpoint(tmp_path, caplog):
+    """ESPnet's ``checkpoint.pth`` in ``asr/`` is resumed by the same options and file contents (another path
+    to the same contents, or more epochs, still resume); another config, or no record, starts afresh."""
+    from pqm.train_conformer import fresh_unless_same_training, training_key
+
+    config, copy = tmp_path / "a.yaml", tmp_path / "copy.yaml"
+    config.write_text("max_epoch: 12\n")
+    copy.write_text("max_epoch: 12\n")
+    key = training_key(["--config", str(config), "--max_epoch", "12", "--seed", "0"])
+    assert key == training_key(["--config", str(copy), "--max_epoch", "17", "--seed", "0"])
+    assert key != training_key(["--config", str(config), "--max_epoch", "12", "--seed", "1"])
+    out = tmp_path / "asr"
+    out.mkdir()
+    (out / "checkpoint.pth").write_text("no record of its training")
+    fresh_unless_same_training(out, key)
+    assert not (out / "checkpoint.pth").exists() and "training from the start" in caplog.text
+    (out / "checkpoint.pth").write_text("this training's")
+    fresh_unless_same_training(out, key)
+    assert (out / "checkpoint.pth").exists()
+    config.write_text("max_epoch: 12\npreprocessor_conf: {fs: 16000}\n")
+    fresh_unless_same_training(out, training_key(["--config", str(config), "--max_epoch", "12", "--seed", "0"]))
+    assert not (out / "checkpoint.pth").exists()
