@@ -37,7 +37,7 @@ sat_epochs=1
 sat_lr=0.001
 sat_utts=0              # SAT on at most this many training utterances (0: all)
 sat_max_duration=0      # SAT batches of similar-length utterances of at most this many seconds (0: 16 utterances)
-sat_speed_perturb=""    # stage 6 (SAT, saml's experts and router): train on every utterance at each speed, e.g. "0.9 1.0 1.1" ("": off)
+sat_speed_perturb=family  # stage 6 (SAT, saml's experts and router): every training utterance at each speed, e.g. "0.9 1.0 1.1" ("": off; family: the model family's, Conformer 0.9 1.0 1.1, Whisper off)
 sat_init=zero           # SAT LoRA start: zero (peft's default, B = 0) or svd (the rank-r SVD of the NF4 quantisation error)
 saml_experts=0          # also saml: at most this many LoRA experts of training-speaker groups and a router over them (0: off)
 saml_epochs=2           # saml: each expert's epochs from SAT on its group (lr: --sat-lr)
@@ -93,6 +93,7 @@ family_opts=(--model "${model}" --expdir "${expdir}" --datadir "${datadir}" --co
     --seed "${seed}" --device "${device}" --ngpu "${ngpu}")
 family_info=$(python -m pqm.families check "${family_opts[@]}") || die "--model ${model}: see above"
 nf4_unquantised_dtype=${nf4_unquantised_dtype:-$(sed -n 's/^unquantised_dtype //p' <<< "${family_info}")}
+[ "${sat_speed_perturb}" != family ] || sat_speed_perturb=$(sed -n 's/^sat_speed_perturb *//p' <<< "${family_info}")
 # lhotse reads TED-LIUM's .sph with sph2pipe; without it, with libsndfile
 [ "${corpus}" != tedlium3 ] || command -v sph2pipe > /dev/null || export LHOTSE_AUDIO_BACKEND=LibsndfileBackend
 [ "${sat_nproc}" -gt 0 ] || sat_nproc=$([ "${device}" = cuda ] && echo "${ngpu}" || echo 1)

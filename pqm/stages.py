@@ -52,8 +52,9 @@ RULES = {
     "nj ngpu sat_epochs sa_epochs saml_epochs saml_router_epochs lora_r lora_alpha beam_size unsup_rounds": ("[1-9][0-9]*", "a positive integer is needed"),
     "threads sat_nproc sa_holdout unsup_holdout sa_utts saml_experts unsup_prior": ("[0-9]+", "a number >= 0 is needed"),
     "whisper_max_tokens_per_second sat_max_duration": ("[0-9]+([.][0-9]+)?", "a number >= 0 is needed"),
-    "sat_speed_perturb": ("|[0-9]+([.][0-9]+)?( [0-9]+([.][0-9]+)?)*",
-                          "speed factors separated by spaces are needed, e.g. \"0.9 1.0 1.1\" (\"\": off)"),
+    "sat_speed_perturb": ("family||[0-9]+([.][0-9]+)?( [0-9]+([.][0-9]+)?)*",
+                          "speed factors separated by spaces are needed, e.g. \"0.9 1.0 1.1\" (\"\": off; family: "
+                          "the model family's)"),
     "unsup_keep": ("0?[.][0-9]*[1-9][0-9]*|1|1[.]0*", "a fraction in (0, 1] is needed"),
     "unsup_token_floor": ("0|0?[.][0-9]+", "a probability in [0, 1) is needed (0: off)"),
     "nf4_double_quant nf4_embeddings unsup saml_router_holdout": ("true|false", "use true or false"),

@@ -109,10 +109,14 @@ def test_saml_mixes_an_expert_of_each_training_speaker(recipe):
     for expert, speaker in (("expert01", "jackson"), ("expert02", "theo")):
         meta = json.loads((saml / "experts" / expert / "pqm_adapter.json").read_text())
         assert meta["init"] == str(exp / "sat") and meta["epochs"] == 1
+        assert meta["speed_perturb"] == [0.9, 1.0, 1.1]  # the Conformer family's default (--sat-speed-perturb family)
         cuts = CutSet.from_file(saml / "cuts" / f"{expert}.jsonl.gz")
         assert {c.supervisions[0].speaker for c in cuts} == {speaker} and meta["utterances"] == len(cuts) == 100
     router = json.loads((saml / "router.json").read_text())
     assert router["experts"] == ["expert01", "expert02"] and len(router["loss_per_epoch"]) == 1
+    assert router["run_key"]["speed_perturb"] == [0.9, 1.0, 1.1]
+    assert json.loads((exp / "sat" / "pqm_adapter.json").read_text())["speed_perturb"] == [0.9, 1.0, 1.1]
+    assert "--sat-speed-perturb 0.9 1.0 1.1" in (exp / ".done" / "stage6").read_text()
     assert load_file(saml / "router.safetensors")["weight"].abs().sum() > 0  # trained away from equal weights
     for speaker in ("george", "nicolas"):
         info = json.loads((exp / "decode" / "saml" / speaker / "info.json").read_text())

@@ -80,6 +80,7 @@ def test_whisper_recipe_end_to_end(whisper_run):
     assert size["nf4"] < size["fp32"]
     sat = json.loads((exp / "sat" / "pqm_adapter.json").read_text())
     assert sat["window"] == "trimmed" and sat["target_style"] == "model"
+    assert "speed_perturb" not in sat["run_key"]  # Whisper's family default: no speed perturbation
     for system in ("pqm", "nf4_sa"):  # an adapter kept by held-out WER, or the starting point
         adapter = exp / "adapters" / system / "george"
         meta = json.loads(next(adapter / f for f in ("pqm_adapter.json", "fallback.json")

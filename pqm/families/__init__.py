@@ -14,6 +14,8 @@ need to know about one kind of model, as module-level names:
   (``[]`` where there is no such option);
 - ``UNQUANTISED_DTYPE``: how the NF4 file stores what stays in full precision unless
   ``--nf4-unquantised-dtype`` says (float16 where that was measured to change no hypothesis);
+- ``SAT_SPEED_PERTURB``: the speed factors of stage 6's training data unless ``--sat-speed-perturb`` says
+  (``""``: none);
 - ``DEFAULT_TARGETS``: the LoRA target modules (a regex);
 - ``batch_iterator(fp_dir, window)``: LoRA training batches;
 - ``token_loss(loss, batch)``: the training loss of a batch of one per target token (pseudo-label confidence);

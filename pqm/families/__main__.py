@@ -1,7 +1,7 @@
 """Stages 3-4 of every family: ``python -m pqm.families {check,prepare,train} --model NAME ...``.
 
 ``check`` looks at the options before anything is written (``--pretrained``) and prints the family's
-defaults that run.sh takes (``unquantised_dtype X``);
+defaults that run.sh takes (``unquantised_dtype X``, ``sat_speed_perturb F ...``);
 ``prepare`` is stage 3 (the family's data: ESPnet's data dirs, tokens and
 feature statistics, or nothing), ``train`` stage 4 (train, or take
 ``--pretrained``, and export ``<expdir>/fp``). Each calls the family module's
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     getattr(models, a.step)(a)
     if a.step == "check":
         print(f"unquantised_dtype {models.UNQUANTISED_DTYPE}")
+        print(f"sat_speed_perturb {models.SAT_SPEED_PERTURB}")
 
 
 if __name__ == "__main__":

@@ -289,6 +289,11 @@ def omitted_keys(fp_dir: Path, model: torch.nn.Module) -> set[str]:
 # (600 words) no hypothesis of nf4, nf4_sat, nf4_sa or pqm changed, and the file went from 7.05x to 7.30x smaller.
 UNQUANTISED_DTYPE = "float16"
 
+# SAT (and saml's experts and router) on every training utterance at speeds 0.9, 1.0 and 1.1 (run.sh's
+# --sat-speed-perturb family): a Conformer trained on a few voices hears a new one better for it. On the digit
+# task (egs/fsdd/README.md) nf4_sat went from 292 to 187 errors of 600 words, both test speakers, at 3x SAT's time.
+SAT_SPEED_PERTURB = "0.9 1.0 1.1"
+
 
 def keep_full_precision(embeddings: bool = False) -> list[str]:
     """Every Linear and large convolution is quantised (``pqm.nf4``): nothing to keep."""

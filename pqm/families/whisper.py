@@ -88,6 +88,10 @@ def load_processor(fp_dir: Path):
 # here (egs/speechocean762/README.md): float32 unless --nf4-unquantised-dtype float16 asks.
 UNQUANTISED_DTYPE = "float32"
 
+# No speed perturbation of SAT by default: not measured with Whisper, which has heard many voices, and it would
+# triple SAT's time (--sat-speed-perturb "0.9 1.0 1.1" asks for it).
+SAT_SPEED_PERTURB = ""
+
 
 def keep_full_precision(embeddings: bool = False) -> list[str]:
     """Modules NF4 leaves alone (:data:`KEEP_FULL_PRECISION`; the output projection is quantised with the
