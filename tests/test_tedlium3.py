@@ -15,7 +15,7 @@ from lhotse import CutSet, Recording
 from safetensors.torch import load_file
 
 from conftest import FSDD, ROOT, TINY_CONFIG
-from pqm.batches import cut_batches
+from pqm.batches import cut_batches, speed_perturbed
 from pqm.errors import BadInput
 from pqm.recipes.tedlium3 import prepare_tedlium3_split
 from test_recipe import run_sh
@@ -142,7 +142,8 @@ def test_tedlium3_recipe_with_a_bpe_conformer_end_to_end(fsdd_dir, tmp_path):
         assert r["words"] == 20 and set(r["per_speaker"]) == {"GeorgeTalk_2013", "NicolasTalk_2014"}
     sat = json.loads((exp / "sat" / "pqm_adapter.json").read_text())  # SAT on batches of at most 12 s
     train = CutSet.from_file(data / "manifests" / "tedlium3_cuts_train.jsonl.gz")
-    n = sum(1 for _ in cut_batches(train, 16, max_duration=12))
+    assert sat["speed_perturb"] == [0.9, 1.0, 1.1]  # the Conformer family's default: SAT at three speeds
+    n = sum(1 for _ in cut_batches(speed_perturbed(train, sat["speed_perturb"]), 16, max_duration=12))
     assert sat["run_key"]["max_duration"] == 12 and n > 48 / 16
     assert "mean loss" in (log := (exp / "log" / "stage6.log").read_text()) and f"over {n} batches" in log
     hyps = exp / "decode" / "pqm" / "GeorgeTalk_2013" / "text"
